@@ -1,0 +1,26 @@
+"""Weight-only integer linear algebra, TorchScript-compatible.
+
+Weights stay int8 in memory (codes of 2-8 bits) with float32 scales and zero points laid
+out as ``(rows, groups)``: rows is 1 (per tensor) or ``out_features``, and each group
+covers ``group_size`` consecutive inputs. The weight is expanded to float32 inside the
+call, so the energy stays a smooth function of the inputs and autograd gives forces that
+are its exact gradient.
+"""
+
+import torch
+from torch import Tensor
+
+
+def dequantize_weight(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """Float32 weight ``(q - zero) * scale`` of shape ``(out, in)`` from int8 codes."""
+    out_features, in_features = qweight.shape
+    groups = in_features // group_size
+    q = qweight.to(torch.float32).view(out_features, groups, group_size)
+    w = (q - zero.to(torch.float32).unsqueeze(-1)) * scale.unsqueeze(-1)
+    return w.view(out_features, in_features)
+
+
+def int_weight_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor,
+                      group_size: int, bias: Tensor | None) -> Tensor:
+    """``x @ W.T + bias`` with ``W`` held as integer codes."""
+    return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, group_size), bias)

@@ -1,0 +1,1 @@
+"""Engines: OpenMM (`nnpq.md.openmm`), ASE (`nnpq.md.ase`) and the openmm-ml plugin."""

@@ -1,0 +1,40 @@
+"""FP32 ANI loading and the quantized runtime, both behind `ANIPotential`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nnpq.errors import NnpqError
+from nnpq.models.fp32 import MODEL_SPECS, load_fp32, model_spec
+from nnpq.models.potential import ANIPotential, energy_and_forces
+
+__all__ = ["ANIPotential", "MODEL_SPECS", "energy_and_forces", "load_fp32", "load_potential",
+           "load_quantized", "model_spec"]
+
+
+def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> ANIPotential:
+    """The runtime of a ``.nnpq`` file, ready for engines (energies in Hartree)."""
+    from nnpq.artifact import read_artifact
+    from nnpq.models.runtime import build_runtime
+
+    artifact = read_artifact(path)
+    try:
+        model = build_runtime(artifact.model_name, artifact.plan, artifact.tensors, neighborlist)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise NnpqError(f"{Path(path).name} does not fit the {artifact.model_name} architecture ({first}); "
+                        "re-create it with 'nnpq quantize'") from None
+    return ANIPotential(model, Path(path).name)
+
+
+def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str = "all_pairs") -> ANIPotential:
+    """Resolve what a user passed as a model: a loaded potential, an ``.nnpq`` path, or an FP32 name."""
+    if isinstance(model, ANIPotential):
+        return model
+    text = os.fspath(model)
+    is_name = text.lower().replace("-", "").replace("_", "") in MODEL_SPECS
+    if not is_name and (Path(text).suffix == ".nnpq" or Path(text).exists() or os.sep in text):
+        return load_quantized(text, neighborlist)
+    spec = model_spec(text)  # the one-line 'unknown model' error for anything else
+    return ANIPotential(load_fp32(spec.name, neighborlist), spec.name)

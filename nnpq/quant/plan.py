@@ -1,0 +1,102 @@
+"""The quantization plan: which format each Linear layer of each element network gets.
+
+A plan is data (JSON in the artifact). Rules match ``(element, layer)`` and optionally one
+ensemble member; the most specific matching rule wins, so a plan can be as coarse as
+"everything INT8" or as fine as one format per member, element and layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from nnpq.errors import NnpqError
+from nnpq.quant.formats import FP32, INT8_CHANNEL, TensorFormat
+
+
+@dataclass(frozen=True)
+class PlanRule:
+    """Format for the weights of layer ``layer`` of ``element``'s network (``None`` matches any)."""
+
+    weight: TensorFormat
+    element: str | None = None
+    layer: int | None = None
+    member: int | None = None
+
+    def matches(self, member: int, element: str, layer: int) -> bool:
+        return (
+            (self.element is None or self.element == element)
+            and (self.layer is None or self.layer == layer)
+            and (self.member is None or self.member == member)
+        )
+
+    @property
+    def specificity(self) -> int:
+        # member beats layer beats element, so a per-member override always wins
+        return 4 * (self.member is not None) + 2 * (self.layer is not None) + (self.element is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"element": self.element, "layer": self.layer, "member": self.member,
+                "weight": self.weight.to_dict()}
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """An ordered set of rules plus how weights are rounded.
+
+    ``rounding`` names the rounding algorithm (``nearest``); the final width-1 layer of
+    each network is addressed as layer ``n_hidden`` (3 for ANI).
+    """
+
+    rules: tuple[PlanRule, ...]
+    rounding: str = "nearest"
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def format_for(self, member: int, element: str, layer: int) -> TensorFormat:
+        """The format of one layer; layers no rule matches stay FP32."""
+        best: PlanRule | None = None
+        for rule in self.rules:
+            if rule.matches(member, element, layer) and (best is None or rule.specificity >= best.specificity):
+                best = rule
+        return FP32 if best is None else best.weight
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rules": [r.to_dict() for r in self.rules], "rounding": self.rounding,
+                "description": self.description, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantPlan":
+        try:
+            rules = tuple(
+                PlanRule(weight=TensorFormat.from_dict(r["weight"]), element=r.get("element"),
+                         layer=r.get("layer"), member=r.get("member"))
+                for r in data["rules"]
+            )
+            return cls(rules=rules, rounding=data.get("rounding", "nearest"),
+                       description=data.get("description", ""), extra=dict(data.get("extra", {})))
+        except (KeyError, TypeError) as exc:
+            raise NnpqError(f"malformed quantization plan: missing or bad field {exc}") from None
+
+
+def uniform_plan(weight: TensorFormat = INT8_CHANNEL, n_hidden: int = 3,
+                 elements: Iterable[str] | None = None, quantize_final: bool = False) -> QuantPlan:
+    """Every hidden layer in ``weight``; final width-1 layers FP32 unless ``quantize_final``."""
+    layers = list(range(n_hidden + (1 if quantize_final else 0)))
+    targets = [None] if elements is None else list(elements)
+    rules = tuple(PlanRule(weight=weight, element=e, layer=i) for e in targets for i in layers)
+    return QuantPlan(rules=rules, description=f"uniform {weight.label()} on hidden layers"
+                     + (" and final layers" if quantize_final else ", final layers fp32"))
+
+
+def default_plan() -> QuantPlan:
+    """Symmetric per-output-channel INT8 on every hidden layer; final layers FP32."""
+    return uniform_plan(INT8_CHANNEL)
+
+
+def require_known_elements(plan: QuantPlan, symbols: Iterable[str]) -> None:
+    """Reject plans that name elements the model does not have."""
+    known = set(symbols)
+    for rule in plan.rules:
+        if rule.element is not None and rule.element not in known:
+            raise NnpqError(f"plan names element '{rule.element}' but the model has only {', '.join(sorted(known))}")
