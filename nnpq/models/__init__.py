@@ -25,7 +25,7 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> 
         first = str(exc).strip().splitlines()[0]
         raise NnpqError(f"{Path(path).name} does not fit the {artifact.model_name} architecture ({first}); "
                         "re-create it with 'nnpq quantize'") from None
-    return ANIPotential(model, Path(path).name)
+    return ANIPotential(model, Path(path).name, artifact.model_name)
 
 
 def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str = "all_pairs") -> ANIPotential:
@@ -37,4 +37,4 @@ def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str 
     if not is_name and (Path(text).suffix == ".nnpq" or Path(text).exists() or os.sep in text):
         return load_quantized(text, neighborlist)
     spec = model_spec(text)  # the one-line 'unknown model' error for anything else
-    return ANIPotential(load_fp32(spec.name, neighborlist), spec.name)
+    return ANIPotential(load_fp32(spec.name, neighborlist), spec.name, spec.name)

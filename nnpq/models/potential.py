@@ -23,15 +23,18 @@ class ANIPotential(torch.nn.Module):
         ani: a TorchANI ``ANI`` model (FP32 or with quantized layers); its self-energy
             shifter is switched off here and applied in float64 instead.
         label: a name for reports (``ani2x`` or the artifact's file name).
+        model_name: the published FP32 model it is, or was quantized from (``ani2x``).
     """
 
     label: str
+    model_name: str
 
-    def __init__(self, ani: ANI, label: str) -> None:
+    def __init__(self, ani: ANI, label: str, model_name: str) -> None:
         super().__init__()
         ani.set_enabled("energy_shifter", False)
         self.ani = ani
         self.label = label
+        self.model_name = model_name
         numbers = ani.atomic_numbers.to(torch.long)
         z_to_index = torch.full((int(numbers.max()) + 1,), -1, dtype=torch.long)
         z_to_index[numbers] = torch.arange(len(numbers))
@@ -94,7 +97,7 @@ def energy_and_forces(potential: ANIPotential, numbers: np.ndarray, positions: n
     """Energy (Hartree) and forces (Hartree/Angstrom, ``(N, 3)`` float64) of one configuration."""
     potential.check_inputs(numbers, positions, cell)
     pos = torch.tensor(np.asarray(positions), dtype=torch.float64, requires_grad=True)
-    z = torch.as_tensor(np.asarray(numbers), dtype=torch.long)
+    z = torch.tensor(np.asarray(numbers), dtype=torch.long)
     box = None if cell is None else torch.as_tensor(np.asarray(cell), dtype=torch.float64)
     energy = potential(z, pos, box)
     (grad,) = torch.autograd.grad(energy, pos)

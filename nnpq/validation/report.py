@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 
 from nnpq.atomic_io import write_bytes_atomic, write_text_atomic
+from nnpq.validation.drift import kj_mol_ns_to_mev_atom_ps
 
+# Local copies of nnpq.units' values: importing that module pulls in torchani, which a
+# report writer should not need.
 KJ_PER_KCAL: float = 4.184
 ANGSTROM_PER_NM: float = 10.0
-KJ_MOL_PER_EV: float = 96.48533212331
 
 _RUN_ORDER = ("fp32", "quantized")
 _RUN_LABELS = {"fp32": "FP32", "quantized": "Quantized"}
@@ -122,7 +124,7 @@ def _stderr_mev(drift: dict) -> Any:
     se, n = drift.get("slope_stderr_kj_mol_ns"), drift.get("n_atoms")
     if se is None or not n:
         return None
-    return float(se) / 1000.0 / KJ_MOL_PER_EV * 1000.0 / float(n)
+    return kj_mol_ns_to_mev_atom_ps(float(se), int(n))
 
 
 def _drift_table(report: dict) -> Table | None:
