@@ -98,7 +98,7 @@ def energy_and_forces(potential: ANIPotential, numbers: np.ndarray, positions: n
     potential.check_inputs(numbers, positions, cell)
     pos = torch.tensor(np.asarray(positions), dtype=torch.float64, requires_grad=True)
     z = torch.tensor(np.asarray(numbers), dtype=torch.long)
-    box = None if cell is None else torch.as_tensor(np.asarray(cell), dtype=torch.float64)
+    box = None if cell is None else torch.tensor(np.asarray(cell), dtype=torch.float64)
     energy = potential(z, pos, box)
     (grad,) = torch.autograd.grad(energy, pos)
     return float(energy.detach()), -grad.numpy()

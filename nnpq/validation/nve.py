@@ -55,8 +55,12 @@ class NVESettings:
             raise NnpqError("report and checkpoint intervals must be at least 1 step")
 
     def key(self) -> str:
-        """Short hash of the settings, to refuse resuming a run made with others."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Short hash of the settings that shape a trajectory, to refuse resuming a run made with others.
+
+        ``steps`` is left out, so a finished run can be extended by asking for more steps.
+        """
+        shape = {k: v for k, v in asdict(self).items() if k != "steps"}
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -150,7 +154,7 @@ def run_nve(system: openmm.System, start: StartState, settings: NVESettings, che
     rows: dict[str, list] = {k: [] for k in ("time_ps", "potential_kj_mol", "kinetic_kj_mol", "positions_nm")}
     step, elapsed = 0, 0.0
     saved = _load_checkpoint(checkpoint, settings.key()) if checkpoint else None
-    if saved is not None:
+    if saved is not None and int(saved["step"]) <= settings.steps:
         context.loadCheckpoint(saved["openmm_checkpoint"].tobytes())
         step, elapsed = int(saved["step"]), float(saved["elapsed"])
         rows = {k: list(saved[k]) for k in rows}

@@ -1,0 +1,69 @@
+"""Shared fixtures: the real ANI-2x weights (TORCHANI_DATA_DIR) and one quantized artifact per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TORCHANI_NO_WARN_EXTENSIONS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not os.environ.get("TORCHANI_DATA_DIR"):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "torchani"
+    if (shared / "StateDicts").is_dir():
+        os.environ["TORCHANI_DATA_DIR"] = str(shared)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run the long end-to-end versions too")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="long run: use --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _weights_available(name: str) -> bool:
+    data = os.environ.get("TORCHANI_DATA_DIR")
+    from nnpq.models.fp32 import model_spec
+
+    return bool(data) and (Path(data) / "StateDicts" / model_spec(name).state_dict_file).is_file()
+
+
+requires_ani2x = pytest.mark.skipif(not _weights_available("ani2x"),
+                                    reason="ANI-2x weights not found: set TORCHANI_DATA_DIR (see README)")
+
+
+@pytest.fixture(scope="session")
+def fp32_ani2x():
+    """The real FP32 ANI-2x as an `ANIPotential` (all-pairs neighbour list)."""
+    if not _weights_available("ani2x"):
+        pytest.skip("ANI-2x weights not found: set TORCHANI_DATA_DIR")
+    from nnpq.models import load_potential
+
+    return load_potential("ani2x")
+
+
+@pytest.fixture(scope="session")
+def w8_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An INT8 per-channel artifact of ANI-2x made with the default plan."""
+    if not _weights_available("ani2x"):
+        pytest.skip("ANI-2x weights not found: set TORCHANI_DATA_DIR")
+    from nnpq.pipeline import quantize_to_file
+
+    path = tmp_path_factory.mktemp("artifact") / "ani2x-w8.nnpq"
+    quantize_to_file("ani2x", path, systems=["ethanol"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def w8_ani2x(w8_path: Path):
+    """The quantized runtime loaded from `w8_path`."""
+    from nnpq.models import load_potential
+
+    return load_potential(w8_path)
