@@ -50,7 +50,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -111,19 +111,24 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     if MANIFEST_KEY not in meta:
         raise NnpqError(f"{name} is a safetensors file but not an nnpq model (no nnpq manifest); "
                         "create one with 'nnpq quantize'")
+    damaged = f"{name} has a damaged nnpq manifest"
     try:
         manifest = json.loads(meta[MANIFEST_KEY])
         if manifest["format"] != FORMAT_NAME:
             raise KeyError("format")
         version = int(manifest["format_version"])
-        plan = QuantPlan.from_dict(manifest["plan"])
-        expected = manifest["tensors_sha256"]
-        manifest["source"]["model"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise NnpqError(f"{name} has a damaged nnpq manifest (field {exc}); re-create it with 'nnpq quantize'") from None
+        raise NnpqError(f"{damaged} (field {exc}); re-create it with 'nnpq quantize'") from None
+    # the version decides how the rest is laid out, so it is checked before anything else is read
     if version > FORMAT_VERSION:
         raise NnpqError(f"{name} uses nnpq format {version}, newer than this nnpq "
                         f"({nnpq.__version__}, format {FORMAT_VERSION}); upgrade nnpq")
+    try:
+        plan = QuantPlan.from_dict(manifest["plan"])
+        expected = manifest["tensors_sha256"]
+        manifest["source"]["model"]
+    except (KeyError, TypeError, NnpqError) as exc:
+        raise NnpqError(f"{damaged} ({exc}); re-create it with 'nnpq quantize'") from None
     try:
         tensors = st_load(data)
     except Exception:

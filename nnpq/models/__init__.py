@@ -22,9 +22,10 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> 
     try:
         model = build_runtime(artifact.model_name, artifact.plan, artifact.tensors, neighborlist)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise NnpqError(f"{Path(path).name} does not fit the {artifact.model_name} architecture ({first}); "
-                        "re-create it with 'nnpq quantize'") from None
+        # torch's first line is only "Error(s) in loading state_dict"; the next one says what is off
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2] or ["state dict mismatch"]
+        raise NnpqError(f"{Path(path).name} does not fit the {artifact.model_name} architecture "
+                        f"({detail[0][:200]}); re-create it with 'nnpq quantize'") from None
     return ANIPotential(model, Path(path).name, artifact.model_name)
 
 

@@ -35,7 +35,7 @@ class QuantizedLinear(torch.nn.Module):
     def empty(cls, fmt: TensorFormat, in_features: int, out_features: int) -> "QuantizedLinear":
         """A layer shaped for ``fmt``, to be filled by ``load_state_dict``."""
         rows = 1 if fmt.granularity == "tensor" else out_features
-        group_size = fmt.group_size if fmt.granularity == "group" else in_features
+        group_size = fmt.group_size_for(in_features)
         return cls(in_features, out_features, rows, group_size, fmt.symmetric)
 
     def forward(self, x: Tensor) -> Tensor:

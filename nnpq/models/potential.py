@@ -73,6 +73,9 @@ class ANIPotential(torch.nn.Module):
         """Raise `NnpqError` for elements the model lacks, bad shapes or non-finite values."""
         numbers = np.asarray(numbers)
         positions = np.asarray(positions)
+        if numbers.ndim != 1 or numbers.size == 0 or not np.issubdtype(numbers.dtype, np.integer):
+            raise NnpqError(f"atomic numbers must be a non-empty 1-D integer array, got shape {numbers.shape} "
+                            f"of {numbers.dtype}")
         supported = set(self.supported_numbers.tolist())
         bad = sorted(set(int(z) for z in numbers) - supported)
         if bad:

@@ -20,11 +20,14 @@ LayerKey = tuple[int, str, int]
 LayerFactory = Callable[[LayerKey, TensorFormat, torch.nn.Linear], torch.nn.Module]
 
 
-def replace_layers(model: ANI, plan: QuantPlan, make: LayerFactory) -> ANI:
-    """Swap every Linear layer that the plan does not keep in FP32 for ``make(key, fmt, linear)``."""
+def replace_layers(model: ANI, plan: QuantPlan, make: LayerFactory, only_layer: int | None = None) -> ANI:
+    """Swap every Linear layer that the plan does not keep in FP32 for ``make(key, fmt, linear)``.
+
+    With ``only_layer``, only layers of that depth are swapped (sequential rounding).
+    """
     for (member, element, layer), linear in hidden_and_final_layers(model).items():
         fmt = plan.format_for(member, element, layer)
-        if fmt.kind == "fp32":
+        if fmt.kind == "fp32" or (only_layer is not None and layer != only_layer):
             continue
         net = model.neural_networks.members[member].atomics[element]
         new = make((member, element, layer), fmt, linear)

@@ -1,22 +1,57 @@
-"""Turn an FP32 ANI model into its quantized runtime form according to a plan."""
+"""Turn an FP32 ANI model into its quantized runtime form according to a plan.
+
+Two roundings: ``nearest`` (min-max grid, no data needed) and ``gptq`` (error-compensating,
+layer by layer in network order, each layer's statistics gathered on the model whose
+earlier layers are already rounded, so later layers compensate earlier errors).
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torchani.arch import ANI
 
+from nnpq.errors import NnpqError
 from nnpq.models.layers import HALF_DTYPES, HalfLinear, QuantizedLinear
 from nnpq.models.runtime import LayerKey, replace_layers
 from nnpq.quant.formats import TensorFormat
+from nnpq.quant.gptq import gptq_quantize
 from nnpq.quant.plan import QuantPlan
 from nnpq.quant.quantizers import QuantizedWeight, quantize_nearest
+from nnpq.quant.stats import LayerStats, collect_layer_stats
+from nnpq.structures import Configuration
+
+ROUNDINGS = ("nearest", "gptq")
 
 # A weight quantizer sees the layer's key, its FP32 weight and the target format.
 WeightQuantizer = Callable[[LayerKey, Tensor, TensorFormat], QuantizedWeight]
+
+
+@dataclass(frozen=True)
+class RoundingSettings:
+    """How weights are rounded.
+
+    Attributes:
+        method: ``nearest`` or ``gptq``.
+        force_weight: GPTQ Hessian mix, 0 = layer outputs only, 1 = force tangents only.
+        bias_correction: add ``(W - W_q) E[x]`` to the bias so the mean output is unbiased.
+        tangents: random tangent directions per calibration configuration.
+        damp: GPTQ damping, relative to the mean Hessian diagonal.
+    """
+
+    method: str = "gptq"
+    force_weight: float = 0.5
+    bias_correction: bool = False
+    tangents: int = 1
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in ROUNDINGS:
+            raise NnpqError(f"unknown rounding '{self.method}'; use one of {', '.join(ROUNDINGS)}")
 
 
 def nearest(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
@@ -24,21 +59,54 @@ def nearest(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight
     return quantize_nearest(weight, fmt)
 
 
-def quantize_model(fp32: ANI, plan: QuantPlan, quantizer: WeightQuantizer = nearest) -> ANI:
-    """A copy of ``fp32`` with each layer stored as ``plan`` says; ``fp32`` is left untouched."""
-
+def _layer_maker(quantizer: WeightQuantizer, stats: dict[tuple[int, str], LayerStats] | None = None,
+                 bias_correction: bool = False):
     def make(key: LayerKey, fmt: TensorFormat, linear: torch.nn.Linear) -> torch.nn.Module:
+        bias = linear.bias.detach().clone()
         if fmt.kind in HALF_DTYPES:
             layer = HalfLinear(linear.in_features, linear.out_features, HALF_DTYPES[fmt.kind])
             layer.weight.copy_(linear.weight.detach().to(HALF_DTYPES[fmt.kind]))
-        else:
-            qw = quantizer(key, linear.weight.detach(), fmt)
-            layer = QuantizedLinear(linear.in_features, linear.out_features, qw.scale.shape[0], qw.group_size,
-                                    fmt.symmetric)
-            layer.qweight.copy_(qw.qweight)
-            layer.scale.copy_(qw.scale)
-            layer.zero.copy_(qw.zero)
-        layer.bias.copy_(linear.bias.detach())
+            layer.bias.copy_(bias)
+            return layer
+        qw = quantizer(key, linear.weight.detach(), fmt)
+        if bias_correction and stats is not None and key[:2] in stats:
+            shift = (linear.weight.detach().to(torch.float64) - qw.dequantize().to(torch.float64)) @ stats[key[:2]].mean
+            bias = bias + shift.to(bias.dtype)
+        layer = QuantizedLinear(linear.in_features, linear.out_features, qw.scale.shape[0], qw.group_size,
+                                fmt.symmetric)
+        layer.qweight.copy_(qw.qweight)
+        layer.scale.copy_(qw.scale)
+        layer.zero.copy_(qw.zero)
+        layer.bias.copy_(bias)
         return layer
 
-    return replace_layers(copy.deepcopy(fp32), plan, make).eval()
+    return make
+
+
+def n_layers(model: ANI) -> int:
+    """Linear layers per element network, the final one included (4 for ANI)."""
+    return len(model.neural_networks.members[0].atomics[model.symbols[0]].layers) + 1
+
+
+def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = RoundingSettings("nearest"),
+                   calibration: list[Configuration] | None = None, seed: int = 0) -> ANI:
+    """A copy of ``fp32`` with each layer stored as ``plan`` says; ``fp32`` is left untouched."""
+    model = copy.deepcopy(fp32)
+    if rounding.method == "nearest":
+        return replace_layers(model, plan, _layer_maker(nearest)).eval()
+    if not calibration:
+        raise NnpqError("GPTQ rounding needs calibration configurations")
+    for layer in range(n_layers(model)):
+        keys = [(m, e) for m, member in enumerate(model.neural_networks.members) for e in member.atomics]
+        if all(not plan.format_for(m, e, layer).is_integer for m, e in keys):
+            replace_layers(model, plan, _layer_maker(nearest), only_layer=layer)  # fp16/bf16 need no data
+            continue
+        stats = collect_layer_stats(model, layer, calibration, rounding.tangents, seed + layer)
+
+        def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
+            if key[:2] not in stats:  # element absent from the calibration data
+                return quantize_nearest(weight, fmt)
+            return gptq_quantize(weight, stats[key[:2]].hessian(rounding.force_weight), fmt, rounding.damp)
+
+        replace_layers(model, plan, _layer_maker(quantizer, stats, rounding.bias_correction), only_layer=layer)
+    return model.eval()

@@ -38,8 +38,8 @@ class TensorFormat:
             raise NnpqError(f"unknown weight format '{self.kind}'; use one of {', '.join(KINDS)}")
         if self.kind != "int":
             return
-        if not 2 <= self.bits <= 8:
-            raise NnpqError(f"integer width {self.bits} unsupported; use 2 to 8 bits")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise NnpqError(f"integer width {self.bits!r} unsupported; use a whole number of bits from 2 to 8")
         if self.granularity not in GRANULARITIES:
             raise NnpqError(f"unknown granularity '{self.granularity}'; use one of {', '.join(GRANULARITIES)}")
         if self.granularity == "group" and self.group_size <= 0:
@@ -62,10 +62,20 @@ class TensorFormat:
             return {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0}[self.kind]
         per_scale = 32 + (0 if self.symmetric else 8)
         if self.granularity == "group":
-            return self.bits + per_scale / self.group_size
+            return self.bits + per_scale / self.group_size_for(in_features)
         if self.granularity == "channel":
             return self.bits + per_scale / in_features
         return float(self.bits)  # one scale for the whole tensor: negligible
+
+    def group_size_for(self, in_features: int) -> int:
+        """Inputs per scale in a layer of ``in_features`` inputs.
+
+        For groups, the largest divisor of ``in_features`` not above ``group_size`` (ANI's
+        1008-wide AEV has no divisor 32, so g32 becomes 28 there); otherwise all inputs.
+        """
+        if self.granularity != "group":
+            return in_features
+        return max(d for d in range(1, min(self.group_size, in_features) + 1) if in_features % d == 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

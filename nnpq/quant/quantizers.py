@@ -35,12 +35,8 @@ def _group_view(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, int]:
         return w.reshape(1, 1, -1), in_features
     if fmt.granularity == "channel":
         return w.reshape(out_features, 1, in_features), in_features
-    if in_features % fmt.group_size:
-        raise NnpqError(
-            f"group size {fmt.group_size} does not divide the layer's {in_features} inputs; "
-            "choose a divisor such as 16, 32 or 64"
-        )
-    return w.reshape(out_features, in_features // fmt.group_size, fmt.group_size), fmt.group_size
+    size = fmt.group_size_for(in_features)
+    return w.reshape(out_features, in_features // size, size), size
 
 
 def quant_params(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, Tensor, int]:

@@ -50,3 +50,52 @@ def compare_models(ref: ANIPotential, test: ANIPotential, numbers: np.ndarray, f
     """Errors of ``test`` against ``ref`` on ``frames`` (Angstrom), in kcal (default) or kJ units."""
     return compare_outputs(model_outputs(ref, numbers, frames, cell), model_outputs(test, numbers, frames, cell),
                            numbers, units)
+
+
+Outputs = list[tuple[float, np.ndarray]]  # per configuration: energy (Ha), forces (Ha/Å)
+
+
+def outputs_on(potential: ANIPotential, configs: list) -> Outputs:
+    """Energy and forces of ``potential`` on each `nnpq.structures.Configuration`."""
+    return [energy_and_forces(potential, c.numbers, c.positions, c.cell) for c in configs]
+
+
+def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
+    """Errors of ``test`` against ``reference`` over a set of configurations, kcal/mol and kcal/mol/Å.
+
+    ``force_rmse`` pools every force component of every configuration; ``energy_mae_per_atom``
+    averages |dE|/N over configurations; ``per_source`` and ``per_element`` break both down.
+    """
+    e_factor = HARTREE_TO_KCAL_MOL
+    sq: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    by_source: dict[str, dict[str, list[float]]] = {}
+    per_atom_e, all_sq, ref_sq = [], 0.0, 0.0
+    n_comp = 0
+    for (e_ref, f_ref), (e_test, f_test), config in zip(reference, test, configs):
+        d = (f_test - f_ref) * e_factor
+        de = abs(e_test - e_ref) * e_factor / config.n_atoms
+        per_atom_e.append(de)
+        all_sq += float(np.sum(d**2))
+        ref_sq += float(np.sum((f_ref * e_factor) ** 2))
+        n_comp += d.size
+        for z in np.unique(config.numbers):
+            from nnpq.validation.structure import element_symbol
+
+            sym = element_symbol(int(z))
+            sq.setdefault(sym, []).append(float(np.sum(d[config.numbers == z] ** 2)))
+            counts[sym] = counts.get(sym, 0) + int(np.sum(config.numbers == z)) * 3
+        src = by_source.setdefault(config.source.split("/")[0].split(":")[0], {"sq": [], "n": [], "e": []})
+        src["sq"].append(float(np.sum(d**2)))
+        src["n"].append(d.size)
+        src["e"].append(de)
+    return {
+        "force_rmse": float(np.sqrt(all_sq / max(n_comp, 1))),
+        "force_rms_ref": float(np.sqrt(ref_sq / max(n_comp, 1))),
+        "energy_mae_per_atom": float(np.mean(per_atom_e)) if per_atom_e else 0.0,
+        "energy_max_per_atom": float(np.max(per_atom_e)) if per_atom_e else 0.0,
+        "n_configurations": len(configs),
+        "per_element": {s: {"force_rmse": float(np.sqrt(sum(v) / counts[s]))} for s, v in sorted(sq.items())},
+        "per_source": {k: {"force_rmse": float(np.sqrt(sum(v["sq"]) / sum(v["n"]))),
+                           "energy_mae_per_atom": float(np.mean(v["e"]))} for k, v in by_source.items()},
+    }

@@ -1,0 +1,143 @@
+"""Calibration configurations: short FP32 MD at 300 K and hotter, displaced and compressed copies
+of the built-in systems, plus user files; split reproducibly into calibration and held-out sets.
+
+Errors are not uniform over configurations (GUIDE section 3): hot and compressed frames
+are where quantization errs most, so they are calibrated on and evaluated on too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import openmm
+from openmm import unit
+
+from nnpq.errors import NnpqError
+from nnpq.models import ANIPotential
+from nnpq.structures import Configuration, read_configurations
+from nnpq.systems import get_system
+
+DEFAULT_SYSTEMS = ("ethanol", "aspirin", "alanine-dipeptide", "sfcl-sulfonamide", "water-box")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How calibration configurations are made.
+
+    Attributes:
+        systems: built-in systems to sample (those with elements the model lacks are skipped).
+        temperatures: Langevin MD temperatures, K.
+        frames_per_temperature: MD frames kept per system and temperature.
+        stride: MD steps (1 fs) between kept frames.
+        displaced: copies with Gaussian displacements of ``sigma`` Å per system.
+        sigma: displacement width, Å.
+        compression: scale factors (< 1 compresses) applied about the centroid (molecules) or
+            to positions and cell (periodic systems).
+        holdout_fraction: share of each system's frames kept out for evaluation.
+        seed: seeds MD, displacements and the split.
+        files: user structure files added to the pool.
+    """
+
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
+    temperatures: tuple[float, ...] = (300.0, 600.0)
+    frames_per_temperature: int = 4
+    stride: int = 20
+    displaced: int = 2
+    sigma: float = 0.08
+    compression: tuple[float, ...] = (0.92,)
+    holdout_fraction: float = 0.3
+    seed: int = 0
+    files: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class CalibrationSet:
+    """Configurations to calibrate on and held-out ones to report errors on."""
+
+    calibration: list[Configuration]
+    holdout: list[Configuration]
+
+    def summary(self) -> str:
+        return f"{len(self.calibration)} calibration / {len(self.holdout)} held-out configurations"
+
+
+def _md_frames(potential: ANIPotential, name: str, temperature: float, settings: CalibrationSettings,
+               seed: int) -> list[Configuration]:
+    from nnpq.md.openmm import create_system
+
+    system = get_system(name)
+    omm = create_system(system.topology, potential, remove_cm_motion=False)
+    integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 5.0 / unit.picosecond,
+                                                 1.0 * unit.femtosecond)
+    integrator.setRandomNumberSeed(seed)
+    context = openmm.Context(omm, integrator, openmm.Platform.getPlatformByName("CPU"))
+    context.setPositions(system.positions_nm())
+    context.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
+    frames = []
+    for i in range(settings.frames_per_temperature):
+        integrator.step(settings.stride)
+        pos = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+        frames.append(Configuration(system.atomic_numbers.copy(), np.array(pos), system.box,
+                                    f"{name}/md{temperature:.0f}K/{i}"))
+    return frames
+
+
+def _perturbed(name: str, settings: CalibrationSettings, rng: np.random.Generator) -> list[Configuration]:
+    system = get_system(name)
+    out = [Configuration(system.atomic_numbers.copy(), system.positions.copy(), system.box, f"{name}/start")]
+    for i in range(settings.displaced):
+        pos = system.positions + rng.normal(scale=settings.sigma, size=system.positions.shape)
+        out.append(Configuration(system.atomic_numbers.copy(), pos, system.box, f"{name}/displaced/{i}"))
+    for factor in settings.compression:
+        if system.box is not None:
+            pos, cell = system.positions * factor, system.box * factor
+        else:
+            centroid = system.positions.mean(axis=0)
+            pos, cell = centroid + (system.positions - centroid) * factor, None
+        out.append(Configuration(system.atomic_numbers.copy(), pos, cell, f"{name}/compressed{factor:g}"))
+    return out
+
+
+def check_elements(configs: list[Configuration], potential: ANIPotential) -> None:
+    """One clear error for the first configuration with an element the model lacks (or bad values)."""
+    for config in configs:
+        try:
+            potential.check_inputs(config.numbers, config.positions, config.cell)
+        except NnpqError as exc:
+            raise NnpqError(f"{config.source}: {exc}") from None
+
+
+def split(configs: list[Configuration], fraction: float, rng: np.random.Generator) -> CalibrationSet:
+    """Hold out ``fraction`` of the configurations of each source (system or file), at least one each."""
+    groups: dict[str, list[Configuration]] = {}
+    for config in configs:
+        groups.setdefault(config.source.split("/")[0].split(":")[0], []).append(config)
+    calibration, holdout = [], []
+    for members in groups.values():
+        order = rng.permutation(len(members))
+        n_hold = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
+        holdout += [members[i] for i in order[:n_hold]]
+        calibration += [members[i] for i in order[n_hold:]]
+    return CalibrationSet(calibration, holdout)
+
+
+def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings = CalibrationSettings(),
+                          progress: bool = False) -> CalibrationSet:
+    """Sample configurations with the FP32 ``potential`` and split them; reproducible from ``settings.seed``."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(settings.seed)
+    supported = set(potential.supported_numbers.tolist())
+    names = [n for n in settings.systems if set(get_system(n).atomic_numbers.tolist()) <= supported]
+    configs: list[Configuration] = []
+    jobs = [(n, t) for n in names for t in settings.temperatures]
+    for k, (name, temperature) in enumerate(tqdm(jobs, desc="calibration MD", unit="run", disable=not progress)):
+        configs += _md_frames(potential, name, temperature, settings, settings.seed * 1000 + k + 1)
+    for name in names:
+        configs += _perturbed(name, settings, rng)
+    user: list[Configuration] = []
+    for path in settings.files:
+        user += read_configurations(path)
+    check_elements(user, potential)
+    return split(configs + user, settings.holdout_fraction, rng)

@@ -1,0 +1,56 @@
+"""Error-compensating rounding (GPTQ): round one input column at a time and push each
+column's rounding error onto the columns not yet rounded, weighted by the inverse of a
+layer-input Hessian H. With H built from force tangents (`LayerStats.hessian`), the
+rounding minimizes the force error proxy instead of the layer-output error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nnpq.quant.formats import TensorFormat
+from nnpq.quant.quantizers import QuantizedWeight, code_range, quant_params
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, fmt: TensorFormat, damp: float = 0.01) -> QuantizedWeight:
+    """Quantize ``weight`` (out, in) to ``fmt`` minimizing tr(dW H dW^T).
+
+    Scales follow the format (per tensor / channel from the original weight; per group
+    from the partly updated weight when the group starts), as in the GPTQ paper.
+    """
+    w = weight.detach().to(torch.float64).clone()
+    out_features, n = w.shape
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=torch.float64)
+    chol = torch.linalg.cholesky(h)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+    lo, hi = code_range(fmt)
+    grouped = fmt.granularity == "group"
+    group_size = fmt.group_size_for(n)
+    if grouped:
+        scale = torch.zeros(out_features, n // group_size, dtype=torch.float64)
+        zero = torch.zeros_like(scale)
+    else:
+        s, z, _ = quant_params(w, fmt)
+        scale, zero = s.to(torch.float64), z.to(torch.float64)
+    q = torch.zeros(out_features, n, dtype=torch.int8)
+    for i in range(n):
+        g = i // group_size
+        if grouped and i % group_size == 0:
+            s, z, _ = quant_params(w[:, i:i + group_size], TensorFormat("int", fmt.bits, "channel", 0, fmt.symmetric))
+            scale[:, g], zero[:, g] = s[:, 0].to(torch.float64), z[:, 0].to(torch.float64)
+        s_col = scale[:, g] if scale.shape[0] > 1 else scale[0, g].expand(out_features)
+        z_col = zero[:, g] if zero.shape[0] > 1 else zero[0, g].expand(out_features)
+        # round with the float32 scale the runtime will use, so codes and dequantization agree
+        s32 = s_col.to(torch.float32).to(torch.float64)
+        code = torch.clamp(torch.round(w[:, i] / s32 + z_col), lo, hi)
+        err = (w[:, i] - (code - z_col) * s32) / u[i, i]
+        w[:, i + 1:] -= err.unsqueeze(1) * u[i, i + 1:].unsqueeze(0)
+        q[:, i] = code.to(torch.int8)
+    zero_out = torch.zeros(1, 1, dtype=torch.int8) if fmt.symmetric else zero.to(torch.int8)
+    return QuantizedWeight(q, scale.to(torch.float32).contiguous(), zero_out.contiguous(), group_size)

@@ -1,0 +1,75 @@
+"""Configurations (atomic numbers, positions in Angstrom, optional cell) and reading them from files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnpq.errors import NnpqError
+
+
+@dataclass(frozen=True, eq=False)
+class Configuration:
+    """One structure: ``numbers`` (N,), ``positions`` (N, 3) in Å, ``cell`` (3, 3) in Å or ``None``."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray | None = None
+    source: str = ""
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.numbers)
+
+
+def _from_atoms(atoms, source: str) -> Configuration:
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any() and not pbc.all():
+        raise NnpqError(f"{source}: partial periodicity pbc={pbc.tolist()} is not supported; use full or no PBC")
+    cell = np.array(atoms.cell.array, dtype=np.float64) if pbc.all() else None
+    return Configuration(np.array(atoms.numbers, dtype=np.int64), np.array(atoms.positions, dtype=np.float64),
+                         cell, source)
+
+
+def read_configurations(path: str | os.PathLike, topology: str | os.PathLike | None = None) -> list[Configuration]:
+    """All frames of a structure file: XYZ, extended XYZ, PDB (ASE), or DCD with a topology (mdtraj).
+
+    Raises:
+        NnpqError: missing file, unreadable format, DCD without ``topology``, or no frames.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NnpqError(f"structure file {path} not found")
+    if path.suffix.lower() == ".dcd":
+        return _read_dcd(path, topology)
+    import ase.io
+
+    try:
+        frames = ase.io.read(str(path), index=":")
+    except Exception as exc:
+        raise NnpqError(f"cannot read {path.name} as a structure file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); use XYZ, extended XYZ, PDB or DCD")
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise NnpqError(f"{path.name} holds no structures")
+    return [_from_atoms(a, f"{path.name}:{i}") for i, a in enumerate(frames)]
+
+
+def _read_dcd(path: Path, topology: str | os.PathLike | None) -> list[Configuration]:
+    if topology is None:
+        raise NnpqError(f"{path.name} is a DCD trajectory: give its topology too (--topology FILE.pdb)")
+    import mdtraj as md
+
+    try:
+        traj = md.load(str(path), top=str(topology))
+    except Exception as exc:
+        raise NnpqError(f"cannot read {path.name} with topology {Path(topology).name} ({type(exc).__name__})") from None
+    numbers = np.array([a.element.atomic_number for a in traj.topology.atoms], dtype=np.int64)
+    out = []
+    for i in range(traj.n_frames):
+        cell = None if traj.unitcell_vectors is None else np.array(traj.unitcell_vectors[i], dtype=np.float64) * 10.0
+        out.append(Configuration(numbers, np.array(traj.xyz[i], dtype=np.float64) * 10.0, cell, f"{path.name}:{i}"))
+    return out

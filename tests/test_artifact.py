@@ -1,0 +1,315 @@
+"""The ``.nnpq`` file: round trip, manifest, on-disk layout, and one-line errors for bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+import nnpq
+from nnpq.artifact import FORMAT_VERSION, MANIFEST_KEY, read_artifact, save_artifact, tensors_sha256
+from nnpq.cli import main as cli_main
+from nnpq.errors import NnpqError
+from nnpq.models import ANIPotential, energy_and_forces, load_fp32, load_potential
+from nnpq.models.fp32 import file_sha256, weights_path
+from nnpq.quant.apply import quantize_model
+from nnpq.quant.plan import QuantPlan, default_plan
+from nnpq.systems import get_system
+
+# sha256 of TorchANI's published ani2x_state_dict.pt (the file in TORCHANI_DATA_DIR/StateDicts)
+ANI2X_STATE_DICT_SHA256 = "1dd25bb0a3971494f1ee54586d9793d006b074e123e73c70562e2c5e78c9d178"
+
+pytestmark = pytest.mark.skipif(not weights_path("ani2x").is_file(),
+                                reason="ANI-2x weights not found: set TORCHANI_DATA_DIR")
+
+
+# These are tiny molecules: with other jobs on a 2-core machine, two intra-op threads spin
+# against each other and make each call (and building the session's w8 artifact) 10-100x
+# slower. All comparisons here are made under the same setting. The session-scoped half
+# runs before the session fixtures this module may be the first to build; the
+# module-scoped half restores the caller's setting when the module is done, so other test
+# files are unaffected.
+_saved_threads: list[int] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_before_session_fixtures():
+    _saved_threads.append(torch.get_num_threads())
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(_one_thread_before_session_fixtures):
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(_saved_threads[0])
+
+
+@pytest.fixture(scope="module")
+def in_memory_w8():
+    """The default-plan INT8 ANI-2x made in memory, never written to disk."""
+    return quantize_model(load_fp32("ani2x"), default_plan())
+
+
+def _energy_forces(potential: ANIPotential, name: str) -> tuple[float, np.ndarray]:
+    system = get_system(name)
+    return energy_and_forces(potential, system.atomic_numbers, system.positions, system.box)
+
+
+def _header(data: bytes) -> dict:
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + size])
+
+
+def _rewrite_manifest(src: Path, dst: Path, edit) -> Path:
+    """Copy ``src`` to ``dst`` with ``edit(manifest)`` applied; tensors (and their checksum) unchanged."""
+    data = src.read_bytes()
+    manifest = json.loads(_header(data)["__metadata__"][MANIFEST_KEY])
+    edit(manifest)
+    tensors = safetensors.torch.load(data)
+    dst.write_bytes(safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)}))
+    return dst
+
+
+def _one_line_error(path: Path, phrase: str) -> str:
+    """Both the reader and the model loader reject ``path`` with one line containing ``phrase``."""
+    with pytest.raises(NnpqError) as info:
+        read_artifact(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert phrase in message, message
+    with pytest.raises(NnpqError, match=phrase):
+        load_potential(path)
+    return message
+
+
+# --- round trip ----------------------------------------------------------------------------
+
+def test_loading_twice_is_bit_identical(w8_path):
+    first, second = load_potential(w8_path), load_potential(w8_path)
+    for name in ("aspirin", "sfcl-sulfonamide"):
+        e1, f1 = _energy_forces(first, name)
+        e2, f2 = _energy_forces(second, name)
+        assert e1 == e2
+        assert np.array_equal(f1, f2)
+
+
+def test_file_equals_in_memory_quantized_model(w8_path, w8_ani2x, in_memory_w8):
+    memory = ANIPotential(in_memory_w8, "memory", "ani2x")
+    loaded_state, memory_state = w8_ani2x.state_dict(), memory.state_dict()
+    assert set(loaded_state) == set(memory_state)
+    for key, value in memory_state.items():
+        assert loaded_state[key].dtype == value.dtype, key
+        assert torch.equal(loaded_state[key], value), key
+    for name in ("aspirin", "sfcl-sulfonamide"):
+        e_file, f_file = _energy_forces(w8_ani2x, name)
+        e_mem, f_mem = _energy_forces(memory, name)
+        assert e_file == e_mem
+        assert np.array_equal(f_file, f_mem)
+    # and it is not simply the FP32 model
+    e_fp32, _ = _energy_forces(ANIPotential(load_fp32("ani2x"), "fp32", "ani2x"), "aspirin")
+    assert e_fp32 != e_mem
+
+
+def test_save_and_read_back(tmp_path, in_memory_w8):
+    source = {"model": "ani2x", "sha256": "0" * 64}
+    path = save_artifact(tmp_path / "copy.nnpq", in_memory_w8, default_plan(), source, metrics={"x": 1.5})
+    artifact = read_artifact(path)
+    assert artifact.model_name == "ani2x"
+    assert artifact.manifest["metrics"] == {"x": 1.5}
+    state = in_memory_w8.state_dict()
+    assert set(artifact.tensors) == set(state)
+    for key, value in state.items():
+        assert torch.equal(artifact.tensors[key], value), key
+    assert artifact.manifest["tensors_sha256"] == tensors_sha256(state)
+
+
+# --- manifest and on-disk layout -----------------------------------------------------------
+
+def test_manifest_contents(w8_path):
+    artifact = read_artifact(w8_path)
+    manifest = artifact.manifest
+    assert manifest["format"] == "nnpq"
+    assert manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["nnpq_version"] == nnpq.__version__
+    assert manifest["source"]["model"] == "ani2x" == artifact.model_name
+    assert manifest["source"]["state_dict_file"] == "ani2x_state_dict.pt"
+    assert manifest["source"]["sha256"] == ANI2X_STATE_DICT_SHA256
+    assert file_sha256(weights_path("ani2x")) == ANI2X_STATE_DICT_SHA256
+    assert artifact.plan == default_plan()
+    assert QuantPlan.from_dict(manifest["plan"]) == default_plan()
+    assert manifest["tensors_sha256"] == tensors_sha256(artifact.tensors)
+    # the fixture evaluated on ethanol only; the stored errors are those of INT8 (small, non-zero)
+    errors = manifest["metrics"]["errors_vs_fp32"]
+    assert list(errors) == ["ethanol"]
+    assert 0 < errors["ethanol"]["force_rmse_kcal_mol_A"] < 2.0
+    assert 0 < errors["ethanol"]["energy_mae_per_atom_kcal_mol"] < 0.3
+
+
+def test_file_is_safetensors_with_int8_codes(w8_path):
+    data = w8_path.read_bytes()
+    # safetensors: little-endian u64 header length, then a JSON object; never a pickle/zip
+    assert not data.startswith((b"PK", b"\x80"))
+    (size,) = struct.unpack("<Q", data[:8])
+    assert 0 < size < len(data) - 8
+    assert data[8:9] == b"{"
+    header = json.loads(data[8:8 + size])
+    assert MANIFEST_KEY in header["__metadata__"]
+
+    with safe_open(str(w8_path), framework="pt") as fh:
+        keys = list(fh.keys())
+        qweights = [k for k in keys if k.endswith(".qweight")]
+        assert len(qweights) == 8 * 7 * 3
+        for key in qweights[:: 21]:
+            assert fh.get_tensor(key).dtype == torch.int8, key
+            assert fh.get_tensor(key[: -len("qweight")] + "scale").dtype == torch.float32
+        assert fh.get_slice(qweights[0]).get_dtype() == "I8"
+        assert header[qweights[-1]]["dtype"] == "I8"
+        # final layers are kept as FP32 Linear weights
+        assert any(k.endswith("final_layer.weight") and header[k]["dtype"] == "F32" for k in keys)
+    # INT8 weights take ~1/4 of the FP32 state dict on disk (measured 13.9 MB vs 54.8 MB of networks)
+    assert len(data) < 0.3 * weights_path("ani2x").stat().st_size
+
+
+# --- bad files -----------------------------------------------------------------------------
+
+def test_truncated_file(w8_path, tmp_path):
+    data = w8_path.read_bytes()
+    bad = tmp_path / "truncated.nnpq"
+    bad.write_bytes(data[: len(data) // 2])
+    _one_line_error(bad, "not a valid nnpq model file")
+    # cut inside the header too
+    bad.write_bytes(data[:100])
+    _one_line_error(bad, "not a valid nnpq model file")
+
+
+def test_altered_file_fails_checksum(w8_path, tmp_path):
+    data = bytearray(w8_path.read_bytes())
+    (size,) = struct.unpack("<Q", bytes(data[:8]))
+    position = len(data) - 10
+    assert position > 8 + size  # inside the tensor data, not the header
+    data[position] ^= 0x01
+    bad = tmp_path / "altered.nnpq"
+    bad.write_bytes(bytes(data))
+    message = _one_line_error(bad, "corrupt")
+    assert "checksum" in message
+
+
+def test_foreign_safetensors(tmp_path):
+    bad = tmp_path / "foreign.nnpq"
+    safetensors.torch.save_file({"weight": torch.randn(4, 4), "codes": torch.zeros(3, dtype=torch.int8)}, str(bad))
+    _one_line_error(bad, "not an nnpq model")
+    safetensors.torch.save_file({"weight": torch.randn(2)}, str(bad), metadata={"author": "someone"})
+    _one_line_error(bad, "not an nnpq model")
+
+
+def test_pickle_file_is_rejected_without_unpickling(tmp_path):
+    bad = tmp_path / "pickled.nnpq"
+    torch.save({"weight": torch.randn(4, 4)}, bad)
+    _one_line_error(bad, "not a valid nnpq model file")
+    legacy = tmp_path / "legacy.nnpq"
+    torch.save({"weight": torch.randn(4, 4)}, legacy, _use_new_zipfile_serialization=False)
+    _one_line_error(legacy, "not a valid nnpq model file")
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.nnpq"
+    empty.write_bytes(b"")
+    _one_line_error(empty, "not a valid nnpq model file")
+    message = _one_line_error(tmp_path / "nowhere.nnpq", "not found")
+    assert "nnpq quantize" in message
+
+
+def test_newer_format_version(w8_path, tmp_path):
+    # control: rewriting the manifest unchanged gives a valid file
+    same = _rewrite_manifest(w8_path, tmp_path / "same.nnpq", lambda m: None)
+    assert read_artifact(same).manifest["format_version"] == FORMAT_VERSION
+
+    newer = _rewrite_manifest(w8_path, tmp_path / "newer.nnpq", lambda m: m.update(format_version=999))
+    message = _one_line_error(newer, "newer")
+    assert "999" in message and "upgrade nnpq" in message
+
+
+def test_damaged_manifest(w8_path, tmp_path):
+    no_plan = _rewrite_manifest(w8_path, tmp_path / "noplan.nnpq", lambda m: m.pop("plan"))
+    _one_line_error(no_plan, "damaged nnpq manifest")
+    other = _rewrite_manifest(w8_path, tmp_path / "other.nnpq", lambda m: m.update(format="onnx"))
+    _one_line_error(other, "damaged nnpq manifest")
+    bad_json = tmp_path / "badjson.nnpq"
+    bad_json.write_bytes(safetensors.torch.save({"w": torch.zeros(2)}, metadata={MANIFEST_KEY: "{not json"}))
+    _one_line_error(bad_json, "damaged nnpq manifest")
+
+
+def test_tensors_that_do_not_fit_the_named_model(w8_path, tmp_path):
+    """ANI-2x tensors labelled as ANI-1x: read fine, but loading says they do not fit."""
+    mislabelled = _rewrite_manifest(w8_path, tmp_path / "mislabelled.nnpq",
+                                    lambda m: m["source"].update(model="ani1x"))
+    assert read_artifact(mislabelled).model_name == "ani1x"
+    with pytest.raises(NnpqError) as info:
+        load_potential(mislabelled)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "does not fit the ani1x architecture" in message
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+def test_cli_info_bad_file_one_line_no_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.nnpq"
+    bad.write_bytes(b"definitely not a model")
+    assert cli_main(["info", str(bad)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("nnpq: error: ")
+    assert "bad.nnpq" in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+
+    assert cli_main(["info", str(tmp_path / "missing.nnpq")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nnpq: error: ") and "not found" in err[0]
+
+
+def test_cli_info_good_file(w8_path, capsys):
+    assert cli_main(["info", str(w8_path)]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["format"] == "nnpq"
+    assert manifest["source"]["sha256"] == ANI2X_STATE_DICT_SHA256
+    assert "metrics" not in manifest  # only with --json
+
+
+# --- atomic writes -------------------------------------------------------------------------
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, in_memory_w8):
+    path = tmp_path / "out" / "model.nnpq"
+    source = {"model": "ani2x", "sha256": ANI2X_STATE_DICT_SHA256}
+    save_artifact(path, in_memory_w8, default_plan(), source)
+    assert os.listdir(path.parent) == ["model.nnpq"]
+    first = path.read_bytes()
+    # overwrite in place: still one complete, valid file and no leftovers
+    save_artifact(path, in_memory_w8, default_plan(), source, metrics={"run": 2})
+    assert os.listdir(path.parent) == ["model.nnpq"]
+    assert read_artifact(path).manifest["metrics"] == {"run": 2}
+    assert len(path.read_bytes()) > 0.9 * len(first)
+    # a failed rename (target is a folder) cleans its temporary file up
+    blocked = tmp_path / "out" / "folder.nnpq"
+    blocked.mkdir()
+    with pytest.raises(OSError):
+        save_artifact(blocked, in_memory_w8, default_plan(), source)
+    assert sorted(os.listdir(path.parent)) == ["folder.nnpq", "model.nnpq"]
+    assert not any(name.endswith(".tmp") for name in os.listdir(path.parent))
+
+
+def test_checksum_handles_scalar_tensors():
+    from nnpq.artifact import tensors_sha256
+
+    a = tensors_sha256({"s": torch.tensor(1.0), "v": torch.ones(3)})
+    b = tensors_sha256({"s": torch.tensor(2.0), "v": torch.ones(3)})
+    assert a != b
