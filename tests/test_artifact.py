@@ -30,28 +30,6 @@ pytestmark = pytest.mark.skipif(not weights_path("ani2x").is_file(),
                                 reason="ANI-2x weights not found: set TORCHANI_DATA_DIR")
 
 
-# These are tiny molecules: with other jobs on a 2-core machine, two intra-op threads spin
-# against each other and make each call (and building the session's w8 artifact) 10-100x
-# slower. All comparisons here are made under the same setting. The session-scoped half
-# runs before the session fixtures this module may be the first to build; the
-# module-scoped half restores the caller's setting when the module is done, so other test
-# files are unaffected.
-_saved_threads: list[int] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread_before_session_fixtures():
-    _saved_threads.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(_one_thread_before_session_fixtures):
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(_saved_threads[0])
-
-
 @pytest.fixture(scope="module")
 def in_memory_w8():
     """The default-plan INT8 ANI-2x made in memory, never written to disk."""

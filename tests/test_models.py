@@ -52,28 +52,6 @@ FD_ATOL = 1e-4  # Ha/Å (0.06 kcal/mol/Å)
 FD_REL = 1e-2  # ||F - F_fd|| / ||F||
 
 
-# These are tiny molecules: with other jobs on a 2-core machine, two intra-op threads spin
-# against each other and make each call (and building the session's w8 artifact) 10-100x
-# slower. All comparisons here are made under the same setting. The session-scoped half
-# runs before the session fixtures this module may be the first to build; the
-# module-scoped half restores the caller's setting when the module is done, so other test
-# files are unaffected.
-_saved_threads: list[int] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread_before_session_fixtures():
-    _saved_threads.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(_one_thread_before_session_fixtures):
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(_saved_threads[0])
-
-
 @pytest.fixture(params=["fp32", "w8"])
 def model(request):
     return request.getfixturevalue({"fp32": "fp32_ani2x", "w8": "w8_ani2x"}[request.param])
