@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ from safetensors.torch import save as st_save
 import nnpq
 from nnpq.atomic_io import write_bytes_atomic
 from nnpq.errors import NnpqError
+from nnpq.quant.packing import pack_codes, unpack_codes
 from nnpq.quant.plan import QuantPlan
+from nnpq.quant.quantizers import code_range
 
 FORMAT_NAME = "nnpq"
 FORMAT_VERSION = 1
@@ -42,6 +45,25 @@ class Artifact:
     @property
     def model_name(self) -> str:
         return self.manifest["source"]["model"]
+
+
+_LAYER_KEY = re.compile(r"members\.(\d+)\.atomics\.(\w+)\.(?:layers\.(\d+)|final_layer)\.qweight$")
+
+
+def _narrow_codes(tensors: dict[str, torch.Tensor], plan: QuantPlan, n_hidden: int):
+    """``(key, bits, lowest)`` of every code tensor whose format is narrower than 8 bits."""
+    for key in tensors:
+        match = _LAYER_KEY.search(key)
+        if match is None:
+            continue
+        member, element, layer = int(match[1]), match[2], match[3]
+        fmt = plan.format_for(member, element, n_hidden if layer is None else int(layer))
+        if fmt.is_integer and fmt.bits < 8:
+            yield key, fmt.bits, code_range(fmt)[0]
+
+
+def _hidden_layers(tensors: dict[str, torch.Tensor]) -> int:
+    return 1 + max((int(m[3]) for k in tensors if (m := _LAYER_KEY.search(k)) and m[3] is not None), default=-1)
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -65,6 +87,11 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         metrics: optional evaluation results to keep beside the plan.
     """
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    n_hidden = len(model.neural_networks.members[0].atomics[model.symbols[0]].layers)
+    shapes = {}
+    for key, bits, lowest in list(_narrow_codes(tensors, plan, n_hidden)):
+        shapes[key] = list(tensors[key].shape)
+        tensors[key] = pack_codes(tensors[key], bits, lowest)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -73,6 +100,7 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         "source": source,
         "plan": plan.to_dict(),
         "tensors_sha256": tensors_sha256(tensors),
+        "packed_shapes": shapes,
         "metrics": metrics or {},
     }
     data = st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
@@ -137,4 +165,9 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     if tensors_sha256(tensors) != expected:
         raise NnpqError(f"{name} is corrupt: its tensors do not match the checksum in its manifest; "
                         "re-create it with 'nnpq quantize'")
+    shapes = manifest.get("packed_shapes", {})
+    for key, bits, lowest in list(_narrow_codes(tensors, plan, _hidden_layers(tensors))):
+        if key not in shapes:
+            raise NnpqError(f"{damaged} (no shape for packed codes {key}); re-create it with 'nnpq quantize'")
+        tensors[key] = unpack_codes(tensors[key], bits, lowest, tuple(shapes[key]))
     return Artifact(manifest=manifest, plan=plan, tensors=tensors)

@@ -56,6 +56,28 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(manifest, indent=2, sort_keys=True))
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from nnpq.atomic_io import write_text_atomic
+    from nnpq.validation.user_eval import evaluate_files, format_evaluation
+
+    result = evaluate_files(args.model, args.input, topology=args.topology, reference=args.reference,
+                            progress=not args.quiet)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.output:
+        try:
+            write_text_atomic(args.output, text + "\n")
+        except OSError as exc:
+            raise NnpqError(f"cannot write {args.output} ({exc.strerror or type(exc).__name__})") from None
+    if args.json:
+        print(text)
+    else:
+        print(format_evaluation(result))
+        if args.output:
+            print(f"JSON: {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnpq", description="Quantized ANI potentials for molecular dynamics.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default validate-MODEL-SYSTEM); reruns resume from it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("evaluate", help="errors of a model against its FP32 reference on your structure files")
+    p.add_argument("model", help="a .nnpq file (or an FP32 model name)")
+    p.add_argument("--input", required=True, nargs="+", action="extend", metavar="FILE",
+                   help="XYZ, extended XYZ, PDB or DCD files; every frame is evaluated")
+    p.add_argument("--topology", metavar="PDB", help="topology for DCD inputs")
+    p.add_argument("--reference", help="model to compare against (default: the FP32 model it was made from)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("-o", "--output", metavar="OUT.json", help="also write the JSON results to this file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", help="print the manifest of an .nnpq file")
     p.add_argument("model")

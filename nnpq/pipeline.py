@@ -1,12 +1,14 @@
-"""`nnpq quantize`: FP32 model -> plan -> quantized artifact, with its error table.
+"""`nnpq quantize`: FP32 model -> calibration -> plan -> quantized artifact, with its error tables.
 
-Errors are measured against FP32 on every built-in system the model covers, on the
-system's own configuration and on randomly displaced copies (0.1 Å), so the table is
-not only about one minimum-energy geometry.
+Without a budget the plan is uniform (INT8 in groups of 32 inputs, force-aware GPTQ). With
+``max_force_rmse``, ``max_energy_rmse`` or ``max_bytes`` the plan is chosen per (element,
+layer) from measured sensitivities, and the size/error frontier is reported. Errors are
+always reported on held-out configurations, beside simple baselines measured the same way.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,20 +19,59 @@ import torch
 import torchani
 
 from nnpq.artifact import save_artifact
+from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, load_fp32, model_spec
 from nnpq.models.fp32 import file_sha256, weights_path
-from nnpq.quant.apply import quantize_model
-from nnpq.quant.plan import QuantPlan, default_plan, require_known_elements
-from nnpq.systems import get_system, list_systems
-from nnpq.validation.evaluate import compare_models, perturbed_frames
+from nnpq.quant.allocation import Allocation, allocate, assemble_weights
+from nnpq.quant.apply import RoundingSettings, quantize_model
+from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
+from nnpq.quant.formats import INT8_CHANNEL, INT8_G32, NO_ACTIVATION, ActivationFormat, TensorFormat
+from nnpq.quant.plan import QuantPlan, require_known_elements, uniform_plan
+from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
-N_FRAMES = 4
+BASELINES: tuple[tuple[str, TensorFormat], ...] = (
+    ("int8/tensor RTN", TensorFormat("int", 8, "tensor")),
+    ("int8/channel RTN", INT8_CHANNEL),
+    ("fp16", TensorFormat("fp16")),
+)
+CORRECTION_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What `quantize_to_file` does.
+
+    Attributes:
+        weight: the uniform weight format used when no budget is given.
+        activation: input-activation rounding of integer layers (uniform plans only).
+        rounding: how weights are rounded (force-aware GPTQ by default).
+        max_force_rmse: force RMSE budget, kcal/mol/Å, on the calibration configurations.
+        max_energy_rmse: per-atom energy RMSE budget, kcal/mol.
+        max_bytes: size budget of the model, bytes.
+        calibration: how calibration configurations are made (seeded).
+        baselines: also measure the baseline plans on the held-out set.
+        report_dir: where sensitivity and frontier files go (default: beside the output).
+    """
+
+    weight: TensorFormat = INT8_G32
+    activation: ActivationFormat = NO_ACTIVATION
+    rounding: RoundingSettings = RoundingSettings()
+    max_force_rmse: float | None = None
+    max_energy_rmse: float | None = None
+    max_bytes: float | None = None
+    calibration: CalibrationSettings = CalibrationSettings()
+    baselines: bool = True
+    report_dir: str | None = None
+
+    @property
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.max_force_rmse, self.max_energy_rmse, self.max_bytes))
 
 
 @dataclass
 class QuantizeResult:
-    """What `quantize_to_file` produced: the file, sizes in bytes and per-system errors."""
+    """What `quantize_to_file` produced: the file, sizes in bytes and held-out errors per plan."""
 
     output: Path
     model: str
@@ -39,91 +80,176 @@ class QuantizeResult:
     artifact_bytes: int
     fp32_network_bytes: int
     quantized_network_bytes: int
-    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: str
+    heldout: dict[str, dict[str, Any]] = field(default_factory=dict)  # plan name -> set_errors + size
+    budget: dict[str, Any] = field(default_factory=dict)
+    frontier_text: str = ""
+    files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
 
 def network_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the element networks (weights, scales, biases) of an ANI model."""
+    """Bytes held by the element networks (weights, scales, biases) of an ANI model in memory."""
     return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "neural_networks" in k)
 
 
-def evaluate_on_systems(fp32: ANIPotential, quantized: ANIPotential, systems: list[str] | None = None,
-                        progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Energy error per atom (kcal/mol) and force RMSE (kcal/mol/Å) on the built-in systems."""
-    from tqdm import tqdm
+def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
+    """Size of a plan's model on disk: every hidden weight at its format's bits, the rest FP32."""
+    from nnpq.models.fp32 import hidden_and_final_layers
 
-    supported = set(fp32.supported_numbers.tolist())
-    names = systems or list_systems()
-    results: dict[str, dict[str, Any]] = {}
-    for name in tqdm(names, desc="evaluating", unit="system", disable=not progress):
-        system = get_system(name)
-        if not set(system.atomic_numbers.tolist()) <= supported:
-            continue  # e.g. the S/F/Cl molecule under ANI-1x
-        frames = perturbed_frames(system.positions, N_FRAMES, sigma=0.1, seed=0)
-        errors = compare_models(fp32, quantized, system.atomic_numbers, frames, system.box, units="kcal")
-        results[name] = {
-            "n_atoms": system.n_atoms,
-            "n_frames": N_FRAMES,
-            "energy_mae_per_atom_kcal_mol": errors["energy"]["energy_mae_per_atom"],
-            "force_rmse_kcal_mol_A": errors["force"]["force_rmse"],
-            "force_rms_ref_kcal_mol_A": errors["force"]["force_rms_ref"],
-            "force_max_abs_kcal_mol_A": errors["force"]["force_max_abs"],
-        }
-    return results
+    total = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
+    for (m, e, layer), lin in hidden_and_final_layers(fp32).items():
+        fmt = plan.format_for(m, e, layer)
+        total += lin.weight.numel() * (fmt.bits_per_weight(lin.in_features) / 8 - 4)
+    return total
 
 
-def quantize_to_file(model_name: str, output: str | os.PathLike, plan: QuantPlan | None = None,
-                     systems: list[str] | None = None, progress: bool = False) -> QuantizeResult:
-    """Quantize a published ANI model, measure it against FP32, and write the ``.nnpq`` file."""
+def _heldout_row(fp32, plan, rounding, calib: CalibrationSet, reference: Outputs, name: str, seed: int) -> dict:
+    model = quantize_model(fp32, plan, rounding, calib.calibration, seed)
+    errors = set_errors(reference, outputs_on(ANIPotential(model, name, ""), calib.holdout), calib.holdout)
+    return {**errors, "bytes": stored_bytes(plan, fp32), "description": plan.description}
+
+
+def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOptions, out_dir: Path,
+                 progress: bool) -> tuple[QuantPlan, dict[str, Any], str, list[Path]]:
+    """Sensitivities, frontier and the allocation that meets the budgets, with written reports."""
+    from nnpq.quant.figures import frontier_plot, sensitivity_heatmap
+    from nnpq.quant.frontier import format_frontier, frontier, measure
+    from nnpq.quant.sensitivity import PlanEvaluator, measure_sensitivity
+    from nnpq.validation.report import to_jsonable
+
+    evaluator = PlanEvaluator(fp32, calib.calibration, name)
+    table = measure_sensitivity(fp32, name, calib.calibration, rounding=options.rounding, evaluator=evaluator,
+                                seed=options.calibration.seed, progress=progress)
+    force_budget = None if options.max_force_rmse is None else options.max_force_rmse ** 2
+    energy_budget = None if options.max_energy_rmse is None else options.max_energy_rmse ** 2
+    history = []
+    allocation: Allocation | None = None
+    for _ in range(CORRECTION_ROUNDS):
+        allocation = allocate(table, force_budget, energy_budget, options.max_bytes)
+        measured = evaluator.errors(assemble_weights(table, allocation))
+        history.append({"predicted_force_rmse": allocation.predicted_force_rmse,
+                        "measured_force_rmse": measured["force_rmse"],
+                        "predicted_energy_rmse": allocation.predicted_energy_mse ** 0.5,
+                        "measured_energy_rmse": measured["energy_rmse_per_atom"], "bytes": allocation.bytes})
+        over_f = force_budget is not None and measured["force_mse"] > force_budget
+        over_e = energy_budget is not None and measured["energy_mse_per_atom"] > energy_budget
+        if not (over_f or over_e):
+            break
+        # the additive model mispredicts interactions between units: tighten by the observed ratio
+        if over_f:
+            force_budget *= force_budget / measured["force_mse"]
+        if over_e:
+            energy_budget *= energy_budget / measured["energy_mse_per_atom"]
+    assert allocation is not None
+    if all(label == "fp32" for label in allocation.choice.values()):
+        raise NnpqError("no quantized plan meets the error budget: every layer would stay FP32; the closest "
+                        f"quantized plan errs by {history[-1]['measured_force_rmse']:.3g} kcal/mol/Å, "
+                        "so loosen --max-force-rmse/--max-energy-rmse")
+    if history[-1]["measured_force_rmse"] ** 2 > (options.max_force_rmse or float("inf")) ** 2 * 1.0001:
+        raise NnpqError(f"no plan met --max-force-rmse {options.max_force_rmse} on the calibration set after "
+                        f"{CORRECTION_ROUNDS} corrections; the closest measured {history[-1]['measured_force_rmse']:.3g}"
+                        f" kcal/mol/Å at {history[-1]['bytes'] / 1e6:.2f} MB")
+    points = frontier(table, evaluator, progress=progress)
+    chosen = measure(table, evaluator, allocation, "mixed", "chosen")
+    files = [
+        write_text_atomic(out_dir / "sensitivity.json", json.dumps(to_jsonable(table.to_dict()), indent=2)),
+        write_text_atomic(out_dir / "sensitivity.csv", _sensitivity_csv(table)),
+        sensitivity_heatmap(table, out_dir / "sensitivity.png"),
+        write_text_atomic(out_dir / "frontier.json", json.dumps(
+            to_jsonable({"points": [p.to_dict() for p in points], "chosen": chosen.to_dict()}), indent=2)),
+        frontier_plot(points, out_dir / "frontier.png", chosen, f"{name}: size vs force error (calibration set)"),
+    ]
+    budget = {"max_force_rmse": options.max_force_rmse, "max_energy_rmse": options.max_energy_rmse,
+              "max_bytes": options.max_bytes, "corrections": history, "solver": allocation.solver,
+              "proxy_spearman": table.proxy_rank_correlation(),
+              "choice": {f"{e}/{layer}": label for (e, layer), label in sorted(allocation.choice.items())}}
+    description = "mixed per (element, layer) under " + ", ".join(
+        f"{k}={v}" for k, v in (("force RMSE", options.max_force_rmse), ("energy RMSE", options.max_energy_rmse),
+                                ("size", options.max_bytes and f"{options.max_bytes / 1e6:.1f} MB")) if v)
+    text = format_frontier(points) + "\n" + format_frontier([chosen]).splitlines()[-1]
+    return allocation.to_plan(table, description), budget, text, files
+
+
+def _sensitivity_csv(table) -> str:
+    fields = ["element", "layer", "format", "bytes", "force_rmse", "force_mse", "energy_rmse_per_atom",
+              "energy_mse_per_atom", "proxy"]
+    rows = [",".join(fields)] + [",".join(str(getattr(e, f)) for f in fields) for e in table.entries]
+    return "\n".join(rows) + "\n"
+
+
+def quantize_to_file(model_name: str, output: str | os.PathLike, options: QuantizeOptions = QuantizeOptions(),
+                     progress: bool = False) -> QuantizeResult:
+    """Quantize a published ANI model, measure it against FP32 on held-out data, write the ``.nnpq`` file."""
     start = time.perf_counter()
     spec = model_spec(model_name)
-    plan = plan or default_plan()
-    require_known_elements(plan, spec.symbols)
     output = Path(output)
     if output.suffix != ".nnpq":
         raise NnpqError(f"output '{output}' should end in .nnpq, e.g. {spec.name}-w8.nnpq")
     fp32 = load_fp32(spec.name, neighborlist="cell_list")
-    quantized = quantize_model(fp32, plan)
-    errors = evaluate_on_systems(ANIPotential(fp32, spec.name, spec.name),
-                                 ANIPotential(quantized, output.name, spec.name),
-                                 systems, progress)
-    source = {
-        "model": spec.name,
-        "title": spec.title,
-        "state_dict_file": spec.state_dict_file,
-        "sha256": file_sha256(weights_path(spec.name)),
-        "torchani_version": torchani.__version__,
-    }
-    save_artifact(output, quantized, plan, source, metrics={"errors_vs_fp32": errors})
+    reference_potential = ANIPotential(fp32, spec.name, spec.name)
+    calib = build_calibration_set(reference_potential, options.calibration, progress)
+    out_dir = Path(options.report_dir) if options.report_dir else output.with_name(output.stem + "-report")
+    budget, frontier_text, files = {}, "", []
+    if options.has_budget:
+        plan, budget, frontier_text, files = _choose_plan(fp32, spec.name, calib, options, out_dir, progress)
+    else:
+        plan = uniform_plan(options.weight, activation=options.activation, rounding=options.rounding.method)
+    require_known_elements(plan, spec.symbols)
+    seed = options.calibration.seed
+    quantized = quantize_model(fp32, plan, options.rounding, calib.calibration, seed)
+
+    reference = outputs_on(reference_potential, calib.holdout)
+    heldout = {"this plan": {**set_errors(reference, outputs_on(ANIPotential(quantized, output.name, spec.name),
+                                                                  calib.holdout), calib.holdout),
+                             "bytes": stored_bytes(plan, fp32), "description": plan.description}}
+    if options.baselines:
+        for name, fmt in BASELINES:
+            heldout[name] = _heldout_row(fp32, uniform_plan(fmt), RoundingSettings("nearest"), calib, reference,
+                                         name, seed)
+    source = {"model": spec.name, "title": spec.title, "state_dict_file": spec.state_dict_file,
+              "sha256": file_sha256(weights_path(spec.name)), "torchani_version": torchani.__version__}
+    metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
+               "rounding": options.rounding.__dict__}
+    save_artifact(output, quantized, plan, source, metrics)
     return QuantizeResult(
-        output=output, model=spec.name, plan=plan,
-        fp32_file_bytes=weights_path(spec.name).stat().st_size,
-        artifact_bytes=output.stat().st_size,
-        fp32_network_bytes=network_bytes(fp32),
-        quantized_network_bytes=network_bytes(quantized),
-        errors=errors, seconds=time.perf_counter() - start,
-    )
+        output=output, model=spec.name, plan=plan, fp32_file_bytes=weights_path(spec.name).stat().st_size,
+        artifact_bytes=output.stat().st_size, fp32_network_bytes=network_bytes(fp32),
+        quantized_network_bytes=network_bytes(quantized), calibration=calib.summary(), heldout=heldout,
+        budget=budget, frontier_text=frontier_text, files=files, seconds=time.perf_counter() - start)
 
 
 def format_result(result: QuantizeResult) -> str:
-    """The terminal summary of `quantize_to_file`: sizes, then errors per system."""
+    """The terminal summary: sizes, held-out errors of this plan beside the baselines, the frontier."""
     mb = 1e6
     lines = [
-        f"{result.model} -> {result.output}  ({result.plan.description}; {result.seconds:.1f} s)",
+        f"{result.model} -> {result.output}  ({result.plan.description}; {result.seconds:.0f} s; {result.calibration})",
         "",
         f"{'size':<28}{'FP32':>12}{'quantized':>12}{'ratio':>8}",
         f"{'model file (MB)':<28}{result.fp32_file_bytes / mb:>12.2f}{result.artifact_bytes / mb:>12.2f}"
         f"{result.fp32_file_bytes / result.artifact_bytes:>8.2f}",
-        f"{'network tensors (MB)':<28}{result.fp32_network_bytes / mb:>12.2f}"
+        f"{'network tensors in memory (MB)':<28}{result.fp32_network_bytes / mb:>12.2f}"
         f"{result.quantized_network_bytes / mb:>12.2f}{result.fp32_network_bytes / result.quantized_network_bytes:>8.2f}",
         "",
-        f"{'system':<20}{'atoms':>6}{'|dE|/atom':>12}{'F RMSE':>12}{'F max':>12}{'F RMS FP32':>12}",
-        f"{'':<20}{'':>6}{'kcal/mol':>12}{'kcal/mol/Å':>12}{'kcal/mol/Å':>12}{'kcal/mol/Å':>12}",
+        "errors vs FP32 on held-out configurations (MD at 300 K and 600 K, displaced, compressed):",
+        f"{'plan':<20}{'size MB':>8}{'F RMSE':>9}{'water-box':>11}{'sfcl-sulf.':>11}{'|dE|/atom':>11}{'max|dE|/at':>11}",
+        f"{'':<20}{'':>8}{'kcal/mol/Å':>9}{'':>11}{'':>11}{'kcal/mol':>11}{'kcal/mol':>11}",
     ]
-    for name, e in result.errors.items():
-        lines.append(f"{name:<20}{e['n_atoms']:>6}{e['energy_mae_per_atom_kcal_mol']:>12.5f}"
-                     f"{e['force_rmse_kcal_mol_A']:>12.4f}{e['force_max_abs_kcal_mol_A']:>12.4f}"
-                     f"{e['force_rms_ref_kcal_mol_A']:>12.2f}")
-    lines.append(f"(errors vs FP32 on each system's configuration and {N_FRAMES - 1} copies displaced by 0.1 Å)")
+    for name, e in result.heldout.items():
+        per = e["per_source"]
+        water = per.get("water-box", {}).get("force_rmse", float("nan"))
+        sfcl = per.get("sfcl-sulfonamide", {}).get("force_rmse", float("nan"))
+        lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>9.4f}{water:>11.4f}{sfcl:>11.4f}"
+                     f"{e['energy_mae_per_atom']:>11.5f}{e['energy_max_per_atom']:>11.5f}")
+    any_row = next(iter(result.heldout.values()))
+    lines.append(f"(RMS FP32 force on these configurations: {any_row['force_rms_ref']:.1f} kcal/mol/Å)")
+    if result.frontier_text:
+        lines += ["", "size/force-error frontier on the calibration set (mixed plans vs uniform plans):",
+                  result.frontier_text]
+    if result.budget:
+        lines.append(f"\nbudget: predicted vs measured per correction round: {result.budget['corrections']}")
+        lines.append(f"proxy (force-tangent weight error) vs measured sensitivity, Spearman rank correlation: "
+                     f"{result.budget['proxy_spearman']:.3f}")
+    if result.files:
+        lines.append("files: " + ", ".join(str(f) for f in result.files))
     return "\n".join(lines)

@@ -24,3 +24,18 @@ def int_weight_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor,
                       group_size: int, bias: Tensor | None) -> Tensor:
     """``x @ W.T + bias`` with ``W`` held as integer codes."""
     return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, group_size), bias)
+
+
+def fake_quantize_activation(x: Tensor, static_scale: Tensor, dynamic: bool) -> Tensor:
+    """Round ``x`` to symmetric INT8 (per row when ``dynamic``, else with ``static_scale``).
+
+    The value is the rounded one; the gradient passes straight through (the rounding's
+    derivative, zero almost everywhere, is replaced by 1), so forces stay informative but
+    are not the exact gradient of the rounded energy.
+    """
+    if dynamic:
+        scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    else:
+        scale = static_scale
+    rounded = torch.clamp(torch.round(x / scale), -127.0, 127.0) * scale
+    return x + (rounded - x).detach()

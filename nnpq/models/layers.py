@@ -4,8 +4,10 @@
 import torch
 from torch import Tensor
 
-from nnpq.kernels.int8 import int_weight_linear
-from nnpq.quant.formats import TensorFormat
+from nnpq.kernels.int8 import fake_quantize_activation, int_weight_linear
+from nnpq.quant.formats import NO_ACTIVATION, ActivationFormat, TensorFormat
+
+ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -16,13 +18,17 @@ class QuantizedLinear(torch.nn.Module):
     in_features: int
     out_features: int
     group_size: int
+    act_mode: int
 
     def __init__(self, in_features: int, out_features: int, rows: int, group_size: int,
-                 symmetric: bool = True) -> None:
+                 symmetric: bool = True, activation: ActivationFormat = NO_ACTIVATION) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
+        self.act_mode = ACT_MODES[activation.mode]
+        # static activation scale (INT8 step of the layer input); unused for other modes
+        self.register_buffer("act_scale", torch.zeros(1))
         groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(rows, groups))
@@ -32,13 +38,16 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features))
 
     @classmethod
-    def empty(cls, fmt: TensorFormat, in_features: int, out_features: int) -> "QuantizedLinear":
+    def empty(cls, fmt: TensorFormat, in_features: int, out_features: int,
+              activation: ActivationFormat = NO_ACTIVATION) -> "QuantizedLinear":
         """A layer shaped for ``fmt``, to be filled by ``load_state_dict``."""
         rows = 1 if fmt.granularity == "tensor" else out_features
         group_size = fmt.group_size_for(in_features)
-        return cls(in_features, out_features, rows, group_size, fmt.symmetric)
+        return cls(in_features, out_features, rows, group_size, fmt.symmetric, activation)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_mode != 0:
+            x = fake_quantize_activation(x, self.act_scale, self.act_mode == 1)
         return int_weight_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
@@ -62,7 +71,8 @@ class HalfLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
-def empty_layer(fmt: TensorFormat, in_features: int, out_features: int) -> torch.nn.Module:
+def empty_layer(fmt: TensorFormat, in_features: int, out_features: int,
+                activation: ActivationFormat = NO_ACTIVATION) -> torch.nn.Module:
     """An unfilled layer of the right class and shapes for ``fmt``."""
     if fmt.kind == "fp32":
         layer = torch.nn.Linear(in_features, out_features)
@@ -70,4 +80,4 @@ def empty_layer(fmt: TensorFormat, in_features: int, out_features: int) -> torch
         return layer
     if fmt.kind in HALF_DTYPES:
         return HalfLinear(in_features, out_features, HALF_DTYPES[fmt.kind])
-    return QuantizedLinear.empty(fmt, in_features, out_features)
+    return QuantizedLinear.empty(fmt, in_features, out_features, activation)

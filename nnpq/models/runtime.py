@@ -42,6 +42,7 @@ def build_runtime(model_name: str, plan: QuantPlan, state: dict[str, torch.Tenso
                   neighborlist: str = "all_pairs") -> ANI:
     """Rebuild a quantized model from its plan and tensors (as stored in an artifact)."""
     model = assemble_architecture(model_name, neighborlist)
-    replace_layers(model, plan, lambda key, fmt, lin: empty_layer(fmt, lin.in_features, lin.out_features))
+    replace_layers(model, plan, lambda key, fmt, lin: empty_layer(fmt, lin.in_features, lin.out_features,
+                                                                   plan.activation_for(*key)))
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -22,7 +22,7 @@ from nnpq.quant.formats import TensorFormat
 from nnpq.quant.gptq import gptq_quantize
 from nnpq.quant.plan import QuantPlan
 from nnpq.quant.quantizers import QuantizedWeight, quantize_nearest
-from nnpq.quant.stats import LayerStats, collect_layer_stats
+from nnpq.quant.stats import LayerStats, activation_scale, collect_layer_stats
 from nnpq.structures import Configuration
 
 ROUNDINGS = ("nearest", "gptq")
@@ -59,8 +59,8 @@ def nearest(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight
     return quantize_nearest(weight, fmt)
 
 
-def _layer_maker(quantizer: WeightQuantizer, stats: dict[tuple[int, str], LayerStats] | None = None,
-                 bias_correction: bool = False):
+def _layer_maker(plan: QuantPlan, quantizer: WeightQuantizer,
+                 stats: dict[tuple[int, str], LayerStats] | None = None, bias_correction: bool = False):
     def make(key: LayerKey, fmt: TensorFormat, linear: torch.nn.Linear) -> torch.nn.Module:
         bias = linear.bias.detach().clone()
         if fmt.kind in HALF_DTYPES:
@@ -72,8 +72,13 @@ def _layer_maker(quantizer: WeightQuantizer, stats: dict[tuple[int, str], LayerS
         if bias_correction and stats is not None and key[:2] in stats:
             shift = (linear.weight.detach().to(torch.float64) - qw.dequantize().to(torch.float64)) @ stats[key[:2]].mean
             bias = bias + shift.to(bias.dtype)
+        activation = plan.activation_for(*key)
         layer = QuantizedLinear(linear.in_features, linear.out_features, qw.scale.shape[0], qw.group_size,
-                                fmt.symmetric)
+                                fmt.symmetric, activation)
+        if activation.mode == "static":
+            if stats is None or key[:2] not in stats:
+                raise NnpqError("static activation ranges need calibration data with every element of the model")
+            layer.act_scale.fill_(activation_scale(stats[key[:2]], activation.range, activation.percentile))
         layer.qweight.copy_(qw.qweight)
         layer.scale.copy_(qw.scale)
         layer.zero.copy_(qw.zero)
@@ -92,21 +97,23 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
                    calibration: list[Configuration] | None = None, seed: int = 0) -> ANI:
     """A copy of ``fp32`` with each layer stored as ``plan`` says; ``fp32`` is left untouched."""
     model = copy.deepcopy(fp32)
-    if rounding.method == "nearest":
-        return replace_layers(model, plan, _layer_maker(nearest)).eval()
+    keys = [(m, e) for m, member in enumerate(model.neural_networks.members) for e in member.atomics]
+    static = any(plan.activation_for(m, e, layer).mode == "static" for m, e in keys for layer in range(n_layers(model)))
+    if rounding.method == "nearest" and not static:
+        return replace_layers(model, plan, _layer_maker(plan, nearest)).eval()
     if not calibration:
-        raise NnpqError("GPTQ rounding needs calibration configurations")
+        raise NnpqError("GPTQ rounding and static activation ranges need calibration configurations")
     for layer in range(n_layers(model)):
-        keys = [(m, e) for m, member in enumerate(model.neural_networks.members) for e in member.atomics]
         if all(not plan.format_for(m, e, layer).is_integer for m, e in keys):
-            replace_layers(model, plan, _layer_maker(nearest), only_layer=layer)  # fp16/bf16 need no data
+            replace_layers(model, plan, _layer_maker(plan, nearest), only_layer=layer)  # fp16/bf16 need no data
             continue
+        # statistics of this layer's inputs on the model whose earlier layers are already rounded
         stats = collect_layer_stats(model, layer, calibration, rounding.tangents, seed + layer)
 
         def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
-            if key[:2] not in stats:  # element absent from the calibration data
+            if rounding.method == "nearest" or key[:2] not in stats:  # element absent from the data
                 return quantize_nearest(weight, fmt)
             return gptq_quantize(weight, stats[key[:2]].hessian(rounding.force_weight), fmt, rounding.damp)
 
-        replace_layers(model, plan, _layer_maker(quantizer, stats, rounding.bias_correction), only_layer=layer)
+        replace_layers(model, plan, _layer_maker(plan, quantizer, stats, rounding.bias_correction), only_layer=layer)
     return model.eval()

@@ -87,6 +87,76 @@ class TensorFormat:
         except TypeError as exc:
             raise NnpqError(f"malformed tensor format {data!r}: {exc}") from None
 
+    @classmethod
+    def parse(cls, label: str) -> "TensorFormat":
+        """The inverse of `label`: ``int8/channel``, ``int4/g32/asym``, ``int8/tensor``, ``fp16``, ..."""
+        text = label.strip().lower()
+        if text in ("fp32", "fp16", "bf16"):
+            return cls(kind=text)
+        parts = text.split("/")
+        try:
+            if not parts[0].startswith("int"):
+                raise ValueError
+            bits = int(parts[0][3:])
+            gran = parts[1] if len(parts) > 1 else "channel"
+            symmetric = not (len(parts) > 2 and parts[2] == "asym")
+            if len(parts) > 3 or (len(parts) > 2 and parts[2] != "asym"):
+                raise ValueError
+            if gran.startswith("g"):
+                return cls("int", bits, "group", int(gran[1:]), symmetric)
+            return cls("int", bits, gran, 0, symmetric)
+        except (ValueError, IndexError):
+            raise NnpqError(f"cannot read weight format '{label}'; write e.g. int8/channel, int8/g32, "
+                            "int4/g32/asym, int8/tensor, fp16 or bf16") from None
 
+
+ACTIVATION_MODES = ("none", "dynamic", "static")
+ACTIVATION_RANGES = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class ActivationFormat:
+    """INT8 rounding of a layer's input (only on layers with integer weights).
+
+    Attributes:
+        mode: ``none``; ``dynamic`` (one scale per row, i.e. per atom, from its absolute
+            maximum at run time); ``static`` (one scale per layer fixed at calibration).
+        range: how a static scale is calibrated: ``minmax``, ``percentile`` or ``mse``
+            (the clipping that minimizes the mean squared rounding error).
+        percentile: the percentile of |x| used by ``range == "percentile"``.
+
+    Rounded activations make the energy piecewise constant in the positions; the forces
+    are then taken through a straight-through estimator (the rounding's derivative is
+    treated as 1) and are not the exact gradient of the reported energy.
+    """
+
+    mode: str = "none"
+    range: str = "mse"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.mode not in ACTIVATION_MODES:
+            raise NnpqError(f"unknown activation mode '{self.mode}'; use one of {', '.join(ACTIVATION_MODES)}")
+        if self.range not in ACTIVATION_RANGES:
+            raise NnpqError(f"unknown activation range '{self.range}'; use one of {', '.join(ACTIVATION_RANGES)}")
+
+    def label(self) -> str:
+        if self.mode == "none":
+            return ""
+        return "a8/row" if self.mode == "dynamic" else f"a8/{self.range}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ActivationFormat":
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise NnpqError(f"malformed activation format {data!r}: {exc}") from None
+
+
+NO_ACTIVATION = ActivationFormat()
 FP32 = TensorFormat(kind="fp32")
 INT8_CHANNEL = TensorFormat(kind="int", bits=8, granularity="channel")
+INT8_G32 = TensorFormat(kind="int", bits=8, granularity="group", group_size=32)

@@ -12,6 +12,8 @@ from torch import Tensor
 from nnpq.quant.formats import TensorFormat
 from nnpq.quant.quantizers import QuantizedWeight, code_range, quant_params
 
+BLOCK = 128
+
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, fmt: TensorFormat, damp: float = 0.01) -> QuantizedWeight:
     """Quantize ``weight`` (out, in) to ``fmt`` minimizing tr(dW H dW^T).
@@ -39,18 +41,29 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, fmt: TensorFormat, damp: floa
         s, z, _ = quant_params(w, fmt)
         scale, zero = s.to(torch.float64), z.to(torch.float64)
     q = torch.zeros(out_features, n, dtype=torch.int8)
-    for i in range(n):
-        g = i // group_size
-        if grouped and i % group_size == 0:
-            s, z, _ = quant_params(w[:, i:i + group_size], TensorFormat("int", fmt.bits, "channel", 0, fmt.symmetric))
-            scale[:, g], zero[:, g] = s[:, 0].to(torch.float64), z[:, 0].to(torch.float64)
-        s_col = scale[:, g] if scale.shape[0] > 1 else scale[0, g].expand(out_features)
-        z_col = zero[:, g] if zero.shape[0] > 1 else zero[0, g].expand(out_features)
-        # round with the float32 scale the runtime will use, so codes and dequantization agree
-        s32 = s_col.to(torch.float32).to(torch.float64)
-        code = torch.clamp(torch.round(w[:, i] / s32 + z_col), lo, hi)
-        err = (w[:, i] - (code - z_col) * s32) / u[i, i]
-        w[:, i + 1:] -= err.unsqueeze(1) * u[i, i + 1:].unsqueeze(0)
-        q[:, i] = code.to(torch.int8)
+    # lazy batch updates: errors are pushed within a block of columns at once, and onto the
+    # remaining columns with one matrix product per block (same result, far less memory traffic)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        block = w[:, b0:b1].clone()
+        errors = torch.zeros_like(block)
+        for j in range(b1 - b0):
+            i = b0 + j
+            g = i // group_size
+            if grouped and i % group_size == 0:
+                # group scales from the partly updated weights, as in GPTQ with groups
+                upcoming = torch.cat([block[:, j:], w[:, b1:]], dim=1)[:, :group_size]
+                s, z, _ = quant_params(upcoming, TensorFormat("int", fmt.bits, "channel", 0, fmt.symmetric))
+                scale[:, g], zero[:, g] = s[:, 0].to(torch.float64), z[:, 0].to(torch.float64)
+            s_col = scale[:, g] if scale.shape[0] > 1 else scale[0, g].expand(out_features)
+            z_col = zero[:, g] if zero.shape[0] > 1 else zero[0, g].expand(out_features)
+            # round with the float32 scale the runtime will use, so codes and dequantization agree
+            s32 = s_col.to(torch.float32).to(torch.float64)
+            code = torch.clamp(torch.round(block[:, j] / s32 + z_col), lo, hi)
+            err = (block[:, j] - (code - z_col) * s32) / u[i, i]
+            block[:, j + 1:] -= err.unsqueeze(1) * u[i, i + 1:b1].unsqueeze(0)
+            errors[:, j] = err
+            q[:, i] = code.to(torch.int8)
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
     zero_out = torch.zeros(1, 1, dtype=torch.int8) if fmt.symmetric else zero.to(torch.int8)
     return QuantizedWeight(q, scale.to(torch.float32).contiguous(), zero_out.contiguous(), group_size)

@@ -11,17 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from nnpq.errors import NnpqError
-from nnpq.quant.formats import FP32, INT8_CHANNEL, TensorFormat
+from nnpq.quant.formats import FP32, INT8_CHANNEL, NO_ACTIVATION, ActivationFormat, TensorFormat
 
 
 @dataclass(frozen=True)
 class PlanRule:
-    """Format for the weights of layer ``layer`` of ``element``'s network (``None`` matches any)."""
+    """Formats for layer ``layer`` of ``element``'s network (``None`` matches any): its weights
+    and, for integer weights, the rounding of its input activations."""
 
     weight: TensorFormat
     element: str | None = None
     layer: int | None = None
     member: int | None = None
+    activation: ActivationFormat = NO_ACTIVATION
 
     def matches(self, member: int, element: str, layer: int) -> bool:
         return (
@@ -37,7 +39,7 @@ class PlanRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"element": self.element, "layer": self.layer, "member": self.member,
-                "weight": self.weight.to_dict()}
+                "weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,23 @@ class QuantPlan:
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def format_for(self, member: int, element: str, layer: int) -> TensorFormat:
-        """The format of one layer; layers no rule matches stay FP32."""
+    def rule_for(self, member: int, element: str, layer: int) -> PlanRule | None:
+        """The most specific rule matching one layer (later rules win ties), or ``None``."""
         best: PlanRule | None = None
         for rule in self.rules:
             if rule.matches(member, element, layer) and (best is None or rule.specificity >= best.specificity):
                 best = rule
-        return FP32 if best is None else best.weight
+        return best
+
+    def format_for(self, member: int, element: str, layer: int) -> TensorFormat:
+        """The weight format of one layer; layers no rule matches stay FP32."""
+        rule = self.rule_for(member, element, layer)
+        return FP32 if rule is None else rule.weight
+
+    def activation_for(self, member: int, element: str, layer: int) -> ActivationFormat:
+        """The input-activation format of one layer (only integer-weight layers round inputs)."""
+        rule = self.rule_for(member, element, layer)
+        return NO_ACTIVATION if rule is None or not rule.weight.is_integer else rule.activation
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules], "rounding": self.rounding,
@@ -70,7 +82,8 @@ class QuantPlan:
         try:
             rules = tuple(
                 PlanRule(weight=TensorFormat.from_dict(r["weight"]), element=r.get("element"),
-                         layer=r.get("layer"), member=r.get("member"))
+                         layer=r.get("layer"), member=r.get("member"),
+                         activation=ActivationFormat.from_dict(r.get("activation", {})))
                 for r in data["rules"]
             )
             return cls(rules=rules, rounding=data.get("rounding", "nearest"),
@@ -80,12 +93,14 @@ class QuantPlan:
 
 
 def uniform_plan(weight: TensorFormat = INT8_CHANNEL, n_hidden: int = 3,
-                 elements: Iterable[str] | None = None, quantize_final: bool = False) -> QuantPlan:
+                 elements: Iterable[str] | None = None, quantize_final: bool = False,
+                 activation: ActivationFormat = NO_ACTIVATION, rounding: str = "nearest") -> QuantPlan:
     """Every hidden layer in ``weight``; final width-1 layers FP32 unless ``quantize_final``."""
     layers = list(range(n_hidden + (1 if quantize_final else 0)))
     targets = [None] if elements is None else list(elements)
-    rules = tuple(PlanRule(weight=weight, element=e, layer=i) for e in targets for i in layers)
-    return QuantPlan(rules=rules, description=f"uniform {weight.label()} on hidden layers"
+    rules = tuple(PlanRule(weight=weight, element=e, layer=i, activation=activation) for e in targets for i in layers)
+    name = weight.label() + (f"+{activation.label()}" if activation.mode != "none" else "")
+    return QuantPlan(rules=rules, rounding=rounding, description=f"uniform {name} on hidden layers"
                      + (" and final layers" if quantize_final else ", final layers fp32"))
 
 

@@ -1,0 +1,69 @@
+"""The size/force-error Pareto frontier: allocated mixed plans against uniform plans, all measured."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from nnpq.errors import NnpqError
+from nnpq.quant.allocation import Allocation, allocate, assemble_weights, uniform_allocation
+from nnpq.quant.sensitivity import PlanEvaluator, SensitivityTable
+
+
+@dataclass
+class FrontierPoint:
+    """One plan: size (bytes), predicted (additive) and measured errors on the evaluator's set."""
+
+    kind: str  # "mixed" or "uniform"
+    label: str
+    bytes: float
+    predicted_force_rmse: float
+    force_rmse: float
+    energy_rmse_per_atom: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(table: SensitivityTable, evaluator: PlanEvaluator, allocation: Allocation, kind: str,
+            label: str) -> FrontierPoint:
+    errors = evaluator.errors(assemble_weights(table, allocation))
+    return FrontierPoint(kind, label, allocation.bytes, allocation.predicted_force_rmse, errors["force_rmse"],
+                         errors["energy_rmse_per_atom"])
+
+
+def frontier(table: SensitivityTable, evaluator: PlanEvaluator, n_points: int = 8,
+             progress: bool = False) -> list[FrontierPoint]:
+    """Uniform plans for every candidate format, and the most accurate mixed plan at sizes
+    spread between the smallest possible plan and the all-fp16 one."""
+    from tqdm import tqdm
+
+    points = [measure(table, evaluator, uniform_allocation(table, label), "uniform", label)
+              for label in tqdm(table.formats, desc="uniform plans", disable=not progress) if label != "fp32"]
+    smallest = min(p.bytes for p in points)
+    largest = max(p.bytes for p in points if p.label != "fp32")
+    for size in tqdm(np.geomspace(smallest * 1.02, largest, n_points), desc="mixed plans", disable=not progress):
+        try:
+            allocation = allocate(table, max_bytes=float(size))
+        except NnpqError:
+            continue
+        points.append(measure(table, evaluator, allocation, "mixed", f"<= {size / 1e6:.1f} MB"))
+    return points
+
+
+def dominates_uniform(points: list[FrontierPoint]) -> bool:
+    """True when every uniform plan is matched or beaten by a mixed plan no larger than it."""
+    mixed = [p for p in points if p.kind == "mixed"]
+    return all(any(m.bytes <= u.bytes and m.force_rmse <= u.force_rmse for m in mixed)
+               for p in points if p.kind == "uniform" for u in [p])
+
+
+def format_frontier(points: list[FrontierPoint]) -> str:
+    """Terminal table of the frontier, smallest plans first."""
+    lines = [f"{'plan':<22}{'kind':<9}{'size MB':>9}{'F RMSE':>10}{'predicted':>11}{'E RMSE/atom':>13}",
+             f"{'':<22}{'':<9}{'':>9}{'kcal/mol/Å':>10}{'kcal/mol/Å':>11}{'kcal/mol':>13}"]
+    for p in sorted(points, key=lambda p: p.bytes):
+        lines.append(f"{p.label:<22}{p.kind:<9}{p.bytes / 1e6:>9.2f}{p.force_rmse:>10.4f}"
+                     f"{p.predicted_force_rmse:>11.4f}{p.energy_rmse_per_atom:>13.5f}")
+    return "\n".join(lines)

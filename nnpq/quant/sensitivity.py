@@ -1,0 +1,201 @@
+"""Sensitivity of the energy and forces to the precision of each (element, layer) unit.
+
+A unit is one hidden layer of one element's network across all ensemble members. For each
+unit and candidate format we round that unit alone (GPTQ on FP32 layer statistics, or
+round-to-nearest), put the dequantized weights into an FP32 copy, and measure the force
+and energy errors against FP32 on the calibration configurations. We also compute a cheap
+proxy, the force-tangent-weighted weight error sum_m tr(dW_m T_m dW_m^T), and report how
+well it ranks units against the measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import Tensor
+from torchani.arch import ANI
+
+from nnpq.models import ANIPotential
+from nnpq.models.fp32 import hidden_and_final_layers
+from nnpq.quant.apply import RoundingSettings
+from nnpq.quant.formats import TensorFormat
+from nnpq.quant.gptq import gptq_quantize
+from nnpq.quant.quantizers import quantize_nearest
+from nnpq.quant.stats import LayerStats, collect_layer_stats
+from nnpq.structures import Configuration
+from nnpq.units import HARTREE_TO_KCAL_MOL
+from nnpq.validation.evaluate import outputs_on
+
+Unit = tuple[str, int]  # (element, hidden layer)
+LayerKey = tuple[int, str, int]
+
+DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (
+    TensorFormat("fp16"),
+    TensorFormat("int", 8, "group", 32),
+    TensorFormat("int", 8, "channel"),
+    TensorFormat("int", 6, "group", 32),
+    TensorFormat("int", 6, "channel"),
+    TensorFormat("int", 5, "group", 32),
+    TensorFormat("int", 4, "group", 32),
+    TensorFormat("int", 3, "group", 32),
+)
+
+
+class PlanEvaluator:
+    """Errors of substituted weights against FP32 on a fixed configuration set, in kcal/mol(/Å).
+
+    Holds a working FP32 copy whose Linear weights are swapped in and restored per call, so
+    any combination of (already rounded) unit weights is measured without rebuilding a model.
+    """
+
+    def __init__(self, fp32: ANI, configs: list[Configuration], model_name: str) -> None:
+        self.work = copy.deepcopy(fp32)
+        self.layers = hidden_and_final_layers(self.work)
+        self.originals = {k: lin.weight.detach().clone() for k, lin in self.layers.items()}
+        self.potential = ANIPotential(self.work, "evaluator", model_name)
+        self.configs = configs
+        self.reference = outputs_on(self.potential, configs)
+        self.n_components = sum(3 * c.n_atoms for c in configs)
+        self.n_configs = len(configs)
+        self.elements = [set(self.potential.ani.symbols[i] for i in
+                             self.potential.z_to_index[torch.as_tensor(c.numbers)].tolist()) for c in configs]
+
+    def errors(self, weights: dict[LayerKey, Tensor], elements: set[str] | None = None) -> dict[str, float]:
+        """Force SSE/RMSE and per-atom energy MSE/RMSE with ``weights`` in place (others FP32).
+
+        Only configurations containing one of ``elements`` are recomputed; the others are
+        unchanged by construction.
+        """
+        try:
+            for key, w in weights.items():
+                self.layers[key].weight.copy_(w)
+            force_sse, energy_sq = 0.0, 0.0
+            for config, ref, present in zip(self.configs, self.reference, self.elements):
+                if elements is not None and not (present & elements):
+                    continue
+                test = outputs_on(self.potential, [config])[0]
+                force_sse += float(np.sum(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2))
+                energy_sq += ((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms) ** 2
+        finally:
+            for key in weights:
+                self.layers[key].weight.copy_(self.originals[key])
+        force_mse = force_sse / self.n_components
+        energy_mse = energy_sq / self.n_configs
+        return {"force_mse": force_mse, "force_rmse": float(np.sqrt(force_mse)),
+                "energy_mse_per_atom": energy_mse, "energy_rmse_per_atom": float(np.sqrt(energy_mse))}
+
+
+@dataclass
+class SensitivityEntry:
+    """One (unit, format) measurement. Sizes in bytes; errors in kcal/mol/Å and kcal/mol per atom."""
+
+    element: str
+    layer: int
+    format: str
+    bytes: float
+    force_mse: float
+    force_rmse: float
+    energy_mse_per_atom: float
+    energy_rmse_per_atom: float
+    proxy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SensitivityTable:
+    """All measurements plus what is needed to assemble and measure whole plans quickly."""
+
+    model: str
+    entries: list[SensitivityEntry]
+    formats: dict[str, TensorFormat]
+    fixed_bytes: float  # everything outside the hidden-layer weights (biases, AEV, final layers)
+    fp32_bytes: float
+    weights: dict[tuple[Unit, str], dict[LayerKey, Tensor]] = field(default_factory=dict, repr=False)
+
+    def units(self) -> list[Unit]:
+        return sorted({(e.element, e.layer) for e in self.entries})
+
+    def entry(self, unit: Unit, label: str) -> SensitivityEntry:
+        return next(e for e in self.entries if (e.element, e.layer) == unit and e.format == label)
+
+    def proxy_rank_correlation(self) -> float:
+        """Spearman rank correlation of the proxy with measured force MSE over rounded entries."""
+        rows = [(e.proxy, e.force_mse) for e in self.entries if e.format not in ("fp32",)]
+        if len(rows) < 3:
+            return float("nan")
+        return float(spearmanr([r[0] for r in rows], [r[1] for r in rows]).statistic)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "fixed_bytes": self.fixed_bytes, "fp32_bytes": self.fp32_bytes,
+                "proxy_spearman": self.proxy_rank_correlation(),
+                "formats": {k: f.to_dict() for k, f in self.formats.items()},
+                "entries": [e.to_dict() for e in self.entries]}
+
+
+def unit_bytes(fmt: TensorFormat, shapes: list[tuple[int, int]]) -> float:
+    """Storage of one unit's weights (all members) in ``fmt``, scales and zero points included."""
+    return sum(fmt.bits_per_weight(i) * o * i / 8 for o, i in shapes)
+
+
+def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[tuple[int, str], LayerStats],
+                rounding: RoundingSettings) -> dict[LayerKey, Tensor]:
+    out = {}
+    for key, w in weights.items():
+        if fmt.kind == "fp32":
+            out[key] = w.clone()
+        elif not fmt.is_integer:
+            out[key] = w.to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt.kind]).to(torch.float32)
+        elif rounding.method == "gptq" and key[:2] in stats:
+            h = stats[key[:2]].hessian(rounding.force_weight)
+            out[key] = gptq_quantize(w, h, fmt, rounding.damp).dequantize()
+        else:
+            out[key] = quantize_nearest(w, fmt).dequantize()
+    return out
+
+
+def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configuration],
+                        candidates: tuple[TensorFormat, ...] = DEFAULT_CANDIDATES,
+                        rounding: RoundingSettings = RoundingSettings(), evaluator: PlanEvaluator | None = None,
+                        seed: int = 0, progress: bool = False) -> SensitivityTable:
+    """Measure every (element, hidden layer) unit in every candidate format on ``calibration``."""
+    from tqdm import tqdm
+
+    evaluator = evaluator or PlanEvaluator(fp32, calibration, model_name)
+    layers = hidden_and_final_layers(fp32)
+    n_hidden = max(k[2] for k in layers)  # the last index is the width-1 final layer, kept FP32
+    units = sorted({(e, l) for (_, e, l) in layers if l < n_hidden})
+    formats = {f.label(): f for f in (TensorFormat("fp32"),) + tuple(candidates)}
+    fp32_bytes = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
+    hidden_bytes = float(sum(lin.weight.numel() * 4 for k, lin in layers.items() if k[2] < n_hidden))
+    table = SensitivityTable(model_name, [], formats, fp32_bytes - hidden_bytes, fp32_bytes)
+    stats_by_layer: dict[int, dict] = {}
+    bar = tqdm(total=len(units) * len(formats), desc="sensitivity", unit="case", disable=not progress)
+    for element, layer in units:
+        if layer not in stats_by_layer:  # GPTQ and the proxy both need them
+            stats_by_layer[layer] = collect_layer_stats(fp32, layer, calibration, rounding.tangents, seed + layer)
+        stats = stats_by_layer[layer]
+        keys = [k for k in layers if k[1] == element and k[2] == layer]
+        originals = {k: layers[k].weight.detach() for k in keys}
+        shapes = [tuple(w.shape) for w in originals.values()]
+        for label, fmt in formats.items():
+            rounded = _round_unit(originals, fmt, stats, rounding)
+            err = (evaluator.errors(rounded, {element}) if fmt.kind != "fp32"
+                   else {"force_mse": 0.0, "force_rmse": 0.0, "energy_mse_per_atom": 0.0, "energy_rmse_per_atom": 0.0})
+            proxy = 0.0
+            for k in keys:
+                if k[:2] in stats:
+                    d = (rounded[k] - originals[k]).to(torch.float64)
+                    proxy += float(torch.sum((d @ stats[k[:2]].tt) * d)) / max(stats[k[:2]].tangent_count, 1)
+            table.entries.append(SensitivityEntry(element, layer, label, unit_bytes(fmt, shapes), err["force_mse"],
+                                                  err["force_rmse"], err["energy_mse_per_atom"],
+                                                  err["energy_rmse_per_atom"], proxy))
+            table.weights[((element, layer), label)] = rounded
+            bar.update(1)
+    bar.close()
+    return table
