@@ -1,4 +1,4 @@
-"""The ``nnpq`` command line: systems, quantize, validate, info."""
+"""The ``nnpq`` command line: systems, quantize, sensitivity, evaluate, validate, info."""
 
 from __future__ import annotations
 
@@ -20,13 +20,87 @@ def _cmd_systems(args: argparse.Namespace) -> None:
         print(f"{name:<20}{system.n_atoms:>6}  {'yes' if system.is_periodic else 'no':<9}{SYSTEMS[name]}")
 
 
+def _parse_size(text: str) -> float:
+    """Bytes from ``8MB``, ``500kB``, ``1.5GB`` or a plain number of bytes."""
+    units = {"gb": 1e9, "mb": 1e6, "kb": 1e3, "b": 1.0}
+    low = text.strip().lower()
+    for suffix, factor in units.items():
+        if low.endswith(suffix):
+            low, scale = low[: -len(suffix)], factor
+            break
+    else:
+        scale = 1.0
+    try:
+        value = float(low) * scale
+    except ValueError:
+        raise NnpqError(f"cannot read size '{text}'; write e.g. 8MB or 500kB") from None
+    if value <= 0:
+        raise NnpqError(f"size '{text}' must be positive")
+    return value
+
+
+def _calibration_settings(args: argparse.Namespace):
+    from nnpq.quant.calibration import CalibrationSettings
+
+    return CalibrationSettings(seed=args.seed, files=tuple(args.calibration or ()))
+
+
+def _rounding(args: argparse.Namespace):
+    from nnpq.quant.apply import RoundingSettings
+
+    return RoundingSettings(method=args.rounding, force_weight=args.force_weight)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from nnpq.models import model_spec
-    from nnpq.pipeline import format_result, quantize_to_file
+    from nnpq.pipeline import QuantizeOptions, format_result, quantize_to_file
+    from nnpq.quant.formats import ActivationFormat, TensorFormat
 
+    for name, value in (("--max-force-rmse", args.max_force_rmse), ("--max-energy-rmse", args.max_energy_rmse)):
+        if value is not None and not value > 0:
+            raise NnpqError(f"{name} must be a positive number (kcal/mol/Å or kcal/mol per atom), got {value}")
+    from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
+
+    candidates = DEFAULT_CANDIDATES if not args.candidates else tuple(
+        TensorFormat.parse(label) for label in args.candidates.split(","))
+    options = QuantizeOptions(
+        candidates=candidates, weight=TensorFormat.parse(args.weight), activation=ActivationFormat(mode=args.activation),
+        rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
+        max_bytes=None if args.max_size is None else _parse_size(args.max_size),
+        calibration=_calibration_settings(args), report_dir=args.report_dir)
     output = args.output or f"{model_spec(args.model).name}-w8.nnpq"
-    result = quantize_to_file(args.model, output, systems=args.system, progress=not args.quiet)
+    result = quantize_to_file(args.model, output, options, progress=not args.quiet)
     print(format_result(result))
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> None:
+    import json
+
+    from nnpq.atomic_io import write_text_atomic
+    from nnpq.models import ANIPotential, load_fp32, model_spec
+    from nnpq.pipeline import sensitivity_csv
+    from nnpq.quant.calibration import build_calibration_set
+    from nnpq.quant.figures import sensitivity_heatmap
+    from nnpq.quant.sensitivity import measure_sensitivity
+    from nnpq.validation.report import to_jsonable
+
+    spec = model_spec(args.model)
+    fp32 = load_fp32(spec.name, neighborlist="cell_list")
+    calib = build_calibration_set(ANIPotential(fp32, spec.name, spec.name), _calibration_settings(args),
+                                  progress=not args.quiet)
+    table = measure_sensitivity(fp32, spec.name, calib.calibration, rounding=_rounding(args), seed=args.seed,
+                                progress=not args.quiet)
+    out = Path(args.output or f"{spec.name}-sensitivity")
+    files = [write_text_atomic(out / "sensitivity.csv", sensitivity_csv(table)),
+             write_text_atomic(out / "sensitivity.json", json.dumps(to_jsonable(table.to_dict()), indent=2)),
+             sensitivity_heatmap(table, out / "sensitivity.png")]
+    labels = [label for label in table.formats if label != "fp32"]
+    print(f"force RMSE (kcal/mol/Å) on {calib.summary()} when one unit alone is quantized:")
+    print(f"{'unit':<10}" + "".join(f"{label:>14}" for label in labels))
+    for unit in table.units():
+        print(f"{unit[0] + '/' + str(unit[1]):<10}" + "".join(f"{table.entry(unit, c).force_rmse:>14.4f}" for c in labels))
+    print(f"proxy vs measured, Spearman rank correlation: {table.proxy_rank_correlation():.3f}")
+    print("files: " + ", ".join(str(f) for f in files))
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
@@ -85,12 +159,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("systems", help="list the built-in molecular systems")
     p.set_defaults(func=_cmd_systems)
 
+    def calibration_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=0, help="seed of calibration MD, displacements and split")
+        p.add_argument("--calibration", action="append", metavar="FILE",
+                       help="extra calibration structures (XYZ, extended XYZ, PDB); repeatable")
+        p.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
+                       help="error-compensating GPTQ (default) or round-to-nearest")
+        p.add_argument("--force-weight", type=float, default=0.5,
+                       help="GPTQ objective: 0 = layer outputs, 1 = force tangents (default 0.5)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("quantize", help="quantize a published ANI model into an .nnpq file")
     p.add_argument("model", help="ani2x, ani1x or ani1ccx")
     p.add_argument("-o", "--output", help="output file (default: MODEL-w8.nnpq)")
-    p.add_argument("--system", action="append", help="evaluate on this built-in system only (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--weight", default="int8/g32/asym",
+                   help="uniform weight format without a budget: int8/g32/asym (default), int8/channel, fp16, ...")
+    p.add_argument("--activation", choices=["none", "dynamic", "static"], default="none",
+                   help="INT8 input activations of integer layers (forces then not exact gradients)")
+    p.add_argument("--max-force-rmse", type=float, help="choose precisions per element and layer: force RMSE "
+                   "budget in kcal/mol/Å on the calibration set")
+    p.add_argument("--max-energy-rmse", type=float, help="per-atom energy RMSE budget, kcal/mol")
+    p.add_argument("--max-size", help="size budget, e.g. 8MB: the most accurate plan that fits")
+    p.add_argument("--candidates", help="comma-separated formats a budgeted plan may use per element and layer, "
+                   "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
+    p.add_argument("--report-dir", help="folder for sensitivity and frontier files (default OUTPUT-report)")
+    calibration_args(p)
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("sensitivity", help="force/energy error of each (element, layer) at each precision")
+    p.add_argument("model", help="ani2x, ani1x or ani1ccx")
+    p.add_argument("-o", "--output", help="output folder (default MODEL-sensitivity)")
+    calibration_args(p)
+    p.set_defaults(func=_cmd_sensitivity)
 
     p = sub.add_parser("validate", help="FP32 vs quantized NVE trajectories: drift, errors, RMSD")
     p.add_argument("model", help="a .nnpq file")

@@ -1,6 +1,7 @@
 """`nnpq quantize`: FP32 model -> calibration -> plan -> quantized artifact, with its error tables.
 
-Without a budget the plan is uniform (INT8 in groups of 32 inputs, force-aware GPTQ). With
+Without a budget the plan is uniform (asymmetric INT8 in groups of 32 inputs, force-aware
+GPTQ). With
 ``max_force_rmse``, ``max_energy_rmse`` or ``max_bytes`` the plan is chosen per (element,
 layer) from measured sensitivities, and the size/error frontier is reported. Errors are
 always reported on held-out configurations, beside simple baselines measured the same way.
@@ -26,14 +27,18 @@ from nnpq.models.fp32 import file_sha256, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
 from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
-from nnpq.quant.formats import INT8_CHANNEL, INT8_G32, NO_ACTIVATION, ActivationFormat, TensorFormat
+from nnpq.quant.formats import INT8_CHANNEL, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
 from nnpq.quant.plan import QuantPlan, require_known_elements, uniform_plan
+from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
-BASELINES: tuple[tuple[str, TensorFormat], ...] = (
-    ("int8/tensor RTN", TensorFormat("int", 8, "tensor")),
-    ("int8/channel RTN", INT8_CHANNEL),
-    ("fp16", TensorFormat("fp16")),
+# (name, weight format, activation format, rounding): what a user would otherwise reach for
+BASELINES: tuple[tuple[str, TensorFormat, ActivationFormat, str], ...] = (
+    ("int8/tensor RTN", TensorFormat("int", 8, "tensor"), NO_ACTIVATION, "nearest"),
+    ("int8/channel RTN", INT8_CHANNEL, NO_ACTIVATION, "nearest"),
+    ("fp16", TensorFormat("fp16"), NO_ACTIVATION, "nearest"),
+    ("W8A8 dynamic/row", INT8_G32_ASYM, ActivationFormat("dynamic"), "gptq"),
+    ("W8A8 static/mse", INT8_G32_ASYM, ActivationFormat("static", "mse"), "gptq"),
 )
 CORRECTION_ROUNDS = 3
 
@@ -49,17 +54,19 @@ class QuantizeOptions:
         max_force_rmse: force RMSE budget, kcal/mol/Å, on the calibration configurations.
         max_energy_rmse: per-atom energy RMSE budget, kcal/mol.
         max_bytes: size budget of the model, bytes.
+        candidates: formats the allocation may choose per (element, layer), FP32 always included.
         calibration: how calibration configurations are made (seeded).
         baselines: also measure the baseline plans on the held-out set.
         report_dir: where sensitivity and frontier files go (default: beside the output).
     """
 
-    weight: TensorFormat = INT8_G32
+    weight: TensorFormat = INT8_G32_ASYM
     activation: ActivationFormat = NO_ACTIVATION
     rounding: RoundingSettings = RoundingSettings()
     max_force_rmse: float | None = None
     max_energy_rmse: float | None = None
     max_bytes: float | None = None
+    candidates: tuple[TensorFormat, ...] = DEFAULT_CANDIDATES
     calibration: CalibrationSettings = CalibrationSettings()
     baselines: bool = True
     report_dir: str | None = None
@@ -104,6 +111,19 @@ def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
     return total
 
 
+def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module) -> float:
+    """Size of the smallest plan the candidates allow (each hidden layer at its cheapest format)."""
+    from nnpq.models.fp32 import hidden_and_final_layers
+
+    total = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
+    n_hidden = max(k[2] for k in hidden_and_final_layers(fp32))
+    for (_, _, layer), lin in hidden_and_final_layers(fp32).items():
+        if layer < n_hidden:
+            cheapest = min(f.bits_per_weight(lin.in_features) for f in candidates)
+            total += lin.weight.numel() * (cheapest / 8 - 4)
+    return total
+
+
 def _heldout_row(fp32, plan, rounding, calib: CalibrationSet, reference: Outputs, name: str, seed: int) -> dict:
     model = quantize_model(fp32, plan, rounding, calib.calibration, seed)
     errors = set_errors(reference, outputs_on(ANIPotential(model, name, ""), calib.holdout), calib.holdout)
@@ -114,19 +134,20 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
                  progress: bool) -> tuple[QuantPlan, dict[str, Any], str, list[Path]]:
     """Sensitivities, frontier and the allocation that meets the budgets, with written reports."""
     from nnpq.quant.figures import frontier_plot, sensitivity_heatmap
-    from nnpq.quant.frontier import format_frontier, frontier, measure
+    from nnpq.quant.frontier import dominates_uniform, format_frontier, frontier, measure
     from nnpq.quant.sensitivity import PlanEvaluator, measure_sensitivity
     from nnpq.validation.report import to_jsonable
 
     evaluator = PlanEvaluator(fp32, calib.calibration, name)
-    table = measure_sensitivity(fp32, name, calib.calibration, rounding=options.rounding, evaluator=evaluator,
+    table = measure_sensitivity(fp32, name, calib.calibration, options.candidates, options.rounding, evaluator,
                                 seed=options.calibration.seed, progress=progress)
     force_budget = None if options.max_force_rmse is None else options.max_force_rmse ** 2
     energy_budget = None if options.max_energy_rmse is None else options.max_energy_rmse ** 2
     history = []
     allocation: Allocation | None = None
     for _ in range(CORRECTION_ROUNDS):
-        allocation = allocate(table, force_budget, energy_budget, options.max_bytes)
+        allocation = allocate(table, force_budget, energy_budget, options.max_bytes,
+                              allowed=[f.label() for f in options.candidates])
         measured = evaluator.errors(assemble_weights(table, allocation))
         history.append({"predicted_force_rmse": allocation.predicted_force_rmse,
                         "measured_force_rmse": measured["force_rmse"],
@@ -142,19 +163,18 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
         if over_e:
             energy_budget *= energy_budget / measured["energy_mse_per_atom"]
     assert allocation is not None
-    if all(label == "fp32" for label in allocation.choice.values()):
-        raise NnpqError("no quantized plan meets the error budget: every layer would stay FP32; the closest "
-                        f"quantized plan errs by {history[-1]['measured_force_rmse']:.3g} kcal/mol/Å, "
-                        "so loosen --max-force-rmse/--max-energy-rmse")
-    if history[-1]["measured_force_rmse"] ** 2 > (options.max_force_rmse or float("inf")) ** 2 * 1.0001:
-        raise NnpqError(f"no plan met --max-force-rmse {options.max_force_rmse} on the calibration set after "
-                        f"{CORRECTION_ROUNDS} corrections; the closest measured {history[-1]['measured_force_rmse']:.3g}"
-                        f" kcal/mol/Å at {history[-1]['bytes'] / 1e6:.2f} MB")
+    last = history[-1]
+    if (options.max_force_rmse is not None and last["measured_force_rmse"] > options.max_force_rmse * 1.0001) or \
+            (options.max_energy_rmse is not None and last["measured_energy_rmse"] > options.max_energy_rmse * 1.0001):
+        raise NnpqError(f"no plan from the candidate formats met the error budget on the calibration set after "
+                        f"{CORRECTION_ROUNDS} corrections; the closest measured {last['measured_force_rmse']:.3g} "
+                        f"kcal/mol/Å and {last['measured_energy_rmse']:.3g} kcal/mol/atom at {last['bytes'] / 1e6:.2f} "
+                        "MB: loosen the budget or allow more precise --candidates")
     points = frontier(table, evaluator, progress=progress)
     chosen = measure(table, evaluator, allocation, "mixed", "chosen")
     files = [
         write_text_atomic(out_dir / "sensitivity.json", json.dumps(to_jsonable(table.to_dict()), indent=2)),
-        write_text_atomic(out_dir / "sensitivity.csv", _sensitivity_csv(table)),
+        write_text_atomic(out_dir / "sensitivity.csv", sensitivity_csv(table)),
         sensitivity_heatmap(table, out_dir / "sensitivity.png"),
         write_text_atomic(out_dir / "frontier.json", json.dumps(
             to_jsonable({"points": [p.to_dict() for p in points], "chosen": chosen.to_dict()}), indent=2)),
@@ -163,6 +183,7 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     budget = {"max_force_rmse": options.max_force_rmse, "max_energy_rmse": options.max_energy_rmse,
               "max_bytes": options.max_bytes, "corrections": history, "solver": allocation.solver,
               "proxy_spearman": table.proxy_rank_correlation(),
+              "frontier_beats_every_uniform_plan": dominates_uniform(points),
               "choice": {f"{e}/{layer}": label for (e, layer), label in sorted(allocation.choice.items())}}
     description = "mixed per (element, layer) under " + ", ".join(
         f"{k}={v}" for k, v in (("force RMSE", options.max_force_rmse), ("energy RMSE", options.max_energy_rmse),
@@ -171,7 +192,7 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     return allocation.to_plan(table, description), budget, text, files
 
 
-def _sensitivity_csv(table) -> str:
+def sensitivity_csv(table) -> str:
     fields = ["element", "layer", "format", "bytes", "force_rmse", "force_mse", "energy_rmse_per_atom",
               "energy_mse_per_atom", "proxy"]
     rows = [",".join(fields)] + [",".join(str(getattr(e, f)) for f in fields) for e in table.entries]
@@ -187,6 +208,9 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
     if output.suffix != ".nnpq":
         raise NnpqError(f"output '{output}' should end in .nnpq, e.g. {spec.name}-w8.nnpq")
     fp32 = load_fp32(spec.name, neighborlist="cell_list")
+    if options.max_bytes is not None and options.max_bytes < smallest_bytes(options.candidates, fp32):
+        raise NnpqError(f"no plan fits in {options.max_bytes / 1e6:.2f} MB; the smallest possible with these "
+                        f"formats is {smallest_bytes(options.candidates, fp32) / 1e6:.2f} MB")
     reference_potential = ANIPotential(fp32, spec.name, spec.name)
     calib = build_calibration_set(reference_potential, options.calibration, progress)
     out_dir = Path(options.report_dir) if options.report_dir else output.with_name(output.stem + "-report")
@@ -204,9 +228,10 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
                                                                   calib.holdout), calib.holdout),
                              "bytes": stored_bytes(plan, fp32), "description": plan.description}}
     if options.baselines:
-        for name, fmt in BASELINES:
-            heldout[name] = _heldout_row(fp32, uniform_plan(fmt), RoundingSettings("nearest"), calib, reference,
-                                         name, seed)
+        for name, fmt, activation, method in BASELINES:
+            rounding = RoundingSettings(method, options.rounding.force_weight, damp=options.rounding.damp)
+            heldout[name] = _heldout_row(fp32, uniform_plan(fmt, activation=activation, rounding=method), rounding,
+                                         calib, reference, name, seed)
     source = {"model": spec.name, "title": spec.title, "state_dict_file": spec.state_dict_file,
               "sha256": file_sha256(weights_path(spec.name)), "torchani_version": torchani.__version__}
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
@@ -225,10 +250,10 @@ def format_result(result: QuantizeResult) -> str:
     lines = [
         f"{result.model} -> {result.output}  ({result.plan.description}; {result.seconds:.0f} s; {result.calibration})",
         "",
-        f"{'size':<28}{'FP32':>12}{'quantized':>12}{'ratio':>8}",
-        f"{'model file (MB)':<28}{result.fp32_file_bytes / mb:>12.2f}{result.artifact_bytes / mb:>12.2f}"
+        f"{'size':<32}{'FP32':>10}{'quantized':>12}{'ratio':>8}",
+        f"{'model file (MB)':<32}{result.fp32_file_bytes / mb:>10.2f}{result.artifact_bytes / mb:>12.2f}"
         f"{result.fp32_file_bytes / result.artifact_bytes:>8.2f}",
-        f"{'network tensors in memory (MB)':<28}{result.fp32_network_bytes / mb:>12.2f}"
+        f"{'network tensors in memory (MB)':<32}{result.fp32_network_bytes / mb:>10.2f}"
         f"{result.quantized_network_bytes / mb:>12.2f}{result.fp32_network_bytes / result.quantized_network_bytes:>8.2f}",
         "",
         "errors vs FP32 on held-out configurations (MD at 300 K and 600 K, displaced, compressed):",
@@ -241,8 +266,11 @@ def format_result(result: QuantizeResult) -> str:
         sfcl = per.get("sfcl-sulfonamide", {}).get("force_rmse", float("nan"))
         lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>9.4f}{water:>11.4f}{sfcl:>11.4f}"
                      f"{e['energy_mae_per_atom']:>11.5f}{e['energy_max_per_atom']:>11.5f}")
-    any_row = next(iter(result.heldout.values()))
-    lines.append(f"(RMS FP32 force on these configurations: {any_row['force_rms_ref']:.1f} kcal/mol/Å)")
+    ours = result.heldout["this plan"]
+    lines.append(f"(RMS FP32 force on these configurations: {ours['force_rms_ref']:.1f} kcal/mol/Å)")
+    lines.append("this plan by kind of held-out configuration: " + "; ".join(
+        f"{kind} {v['force_rmse']:.4f} kcal/mol/Å, {v['energy_mae_per_atom']:.5f} kcal/mol/atom (n={v['n_configurations']})"
+        for kind, v in sorted(ours["per_kind"].items())))
     if result.frontier_text:
         lines += ["", "size/force-error frontier on the calibration set (mixed plans vs uniform plans):",
                   result.frontier_text]

@@ -38,9 +38,9 @@ class Allocation:
         return QuantPlan(rules=rules, rounding="gptq", description=description)
 
 
-def _matrices(table: SensitivityTable):
+def _matrices(table: SensitivityTable, allowed: list[str] | None = None):
     units = table.units()
-    labels = list(table.formats)
+    labels = [label for label in table.formats if allowed is None or label in allowed]
     size = np.array([[table.entry(u, c).bytes for c in labels] for u in units])
     force = np.array([[table.entry(u, c).force_mse for c in labels] for u in units])
     energy = np.array([[table.entry(u, c).energy_mse_per_atom for c in labels] for u in units])
@@ -54,13 +54,15 @@ def _result(table, units, labels, pick, size, force, energy, solver) -> Allocati
 
 
 def allocate(table: SensitivityTable, max_force_mse: float | None = None, max_energy_mse: float | None = None,
-             max_bytes: float | None = None, solver: str = "milp") -> Allocation:
+             max_bytes: float | None = None, solver: str = "milp", allowed: list[str] | None = None) -> Allocation:
     """Smallest plan within error budgets, or (with ``max_bytes``) the most accurate within a size.
+
+    ``allowed`` restricts the format labels a unit may take (default: all measured, FP32 included).
 
     Raises:
         NnpqError: no plan meets the budgets; the message names the closest one.
     """
-    units, labels, size, force, energy = _matrices(table)
+    units, labels, size, force, energy = _matrices(table, allowed)
     if max_bytes is not None:
         cheapest = table.fixed_bytes + size.min(axis=1).sum()
         if max_bytes < cheapest:
@@ -106,7 +108,10 @@ def _greedy(size, force, energy, fixed, max_force, max_energy, max_bytes) -> np.
         return ok
 
     if not feasible(pick):
-        raise NnpqError("no plan meets the error budget even with every unit at its most accurate format")
+        raise NnpqError("no plan meets the error budget: the closest, every unit at its most accurate candidate, "
+                        f"is predicted at {np.sqrt(force[rows, pick].sum()):.3g} kcal/mol/Å force RMSE and "
+                        f"{np.sqrt(energy[rows, pick].sum()):.3g} kcal/mol/atom energy RMSE "
+                        f"({(fixed + size[rows, pick].sum()) / 1e6:.2f} MB); loosen the budget or add formats")
     while True:
         best, best_ratio = None, np.inf
         for u in rows:

@@ -47,7 +47,7 @@ class RoundingSettings:
     force_weight: float = 0.5
     bias_correction: bool = False
     tangents: int = 1
-    damp: float = 0.01
+    damp: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.method not in ROUNDINGS:

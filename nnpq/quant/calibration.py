@@ -127,6 +127,10 @@ def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings
     """Sample configurations with the FP32 ``potential`` and split them; reproducible from ``settings.seed``."""
     from tqdm import tqdm
 
+    user: list[Configuration] = []
+    for path in settings.files:  # read and check user files first: a bad file should not wait for MD
+        user += read_configurations(path)
+    check_elements(user, potential)
     rng = np.random.default_rng(settings.seed)
     supported = set(potential.supported_numbers.tolist())
     names = [n for n in settings.systems if set(get_system(n).atomic_numbers.tolist()) <= supported]
@@ -136,8 +140,4 @@ def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings
         configs += _md_frames(potential, name, temperature, settings, settings.seed * 1000 + k + 1)
     for name in names:
         configs += _perturbed(name, settings, rng)
-    user: list[Configuration] = []
-    for path in settings.files:
-        user += read_configurations(path)
-    check_elements(user, potential)
     return split(configs + user, settings.holdout_fraction, rng)

@@ -159,4 +159,4 @@ class ActivationFormat:
 NO_ACTIVATION = ActivationFormat()
 FP32 = TensorFormat(kind="fp32")
 INT8_CHANNEL = TensorFormat(kind="int", bits=8, granularity="channel")
-INT8_G32 = TensorFormat(kind="int", bits=8, granularity="group", group_size=32)
+INT8_G32_ASYM = TensorFormat(kind="int", bits=8, granularity="group", group_size=32, symmetric=False)

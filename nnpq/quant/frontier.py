@@ -35,15 +35,16 @@ def measure(table: SensitivityTable, evaluator: PlanEvaluator, allocation: Alloc
 
 def frontier(table: SensitivityTable, evaluator: PlanEvaluator, n_points: int = 8,
              progress: bool = False) -> list[FrontierPoint]:
-    """Uniform plans for every candidate format, and the most accurate mixed plan at sizes
-    spread between the smallest possible plan and the all-fp16 one."""
+    """Uniform plans for every candidate format, and the most accurate mixed plan at each
+    uniform plan's size and at sizes spread between the smallest plan and the all-fp16 one."""
     from tqdm import tqdm
 
     points = [measure(table, evaluator, uniform_allocation(table, label), "uniform", label)
               for label in tqdm(table.formats, desc="uniform plans", disable=not progress) if label != "fp32"]
     smallest = min(p.bytes for p in points)
     largest = max(p.bytes for p in points if p.label != "fp32")
-    for size in tqdm(np.geomspace(smallest * 1.02, largest, n_points), desc="mixed plans", disable=not progress):
+    sizes = sorted(set(np.geomspace(smallest * 1.02, largest, n_points).tolist()) | {p.bytes for p in points})
+    for size in tqdm(sizes, desc="mixed plans", disable=not progress):
         try:
             allocation = allocate(table, max_bytes=float(size))
         except NnpqError:
@@ -56,7 +57,7 @@ def dominates_uniform(points: list[FrontierPoint]) -> bool:
     """True when every uniform plan is matched or beaten by a mixed plan no larger than it."""
     mixed = [p for p in points if p.kind == "mixed"]
     return all(any(m.bytes <= u.bytes and m.force_rmse <= u.force_rmse for m in mixed)
-               for p in points if p.kind == "uniform" for u in [p])
+               for u in points if u.kind == "uniform")
 
 
 def format_frontier(points: list[FrontierPoint]) -> str:

@@ -35,13 +35,12 @@ LayerKey = tuple[int, str, int]
 
 DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (
     TensorFormat("fp16"),
+    TensorFormat("int", 8, "group", 32, False),
     TensorFormat("int", 8, "group", 32),
-    TensorFormat("int", 8, "channel"),
-    TensorFormat("int", 6, "group", 32),
-    TensorFormat("int", 6, "channel"),
-    TensorFormat("int", 5, "group", 32),
-    TensorFormat("int", 4, "group", 32),
-    TensorFormat("int", 3, "group", 32),
+    TensorFormat("int", 6, "group", 32, False),
+    TensorFormat("int", 5, "group", 32, False),
+    TensorFormat("int", 4, "group", 32, False),
+    TensorFormat("int", 3, "group", 32, False),
 )
 
 
@@ -50,6 +49,8 @@ class PlanEvaluator:
 
     Holds a working FP32 copy whose Linear weights are swapped in and restored per call, so
     any combination of (already rounded) unit weights is measured without rebuilding a model.
+    Each configuration weighs the same (its own mean squared force error), so a 17-atom
+    molecule counts as much as a 555-atom water box and rare elements are not neglected.
     """
 
     def __init__(self, fp32: ANI, configs: list[Configuration], model_name: str) -> None:
@@ -59,7 +60,6 @@ class PlanEvaluator:
         self.potential = ANIPotential(self.work, "evaluator", model_name)
         self.configs = configs
         self.reference = outputs_on(self.potential, configs)
-        self.n_components = sum(3 * c.n_atoms for c in configs)
         self.n_configs = len(configs)
         self.elements = [set(self.potential.ani.symbols[i] for i in
                              self.potential.z_to_index[torch.as_tensor(c.numbers)].tolist()) for c in configs]
@@ -78,12 +78,12 @@ class PlanEvaluator:
                 if elements is not None and not (present & elements):
                     continue
                 test = outputs_on(self.potential, [config])[0]
-                force_sse += float(np.sum(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2))
+                force_sse += float(np.mean(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2))
                 energy_sq += ((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms) ** 2
         finally:
             for key in weights:
                 self.layers[key].weight.copy_(self.originals[key])
-        force_mse = force_sse / self.n_components
+        force_mse = force_sse / self.n_configs
         energy_mse = energy_sq / self.n_configs
         return {"force_mse": force_mse, "force_rmse": float(np.sqrt(force_mse)),
                 "energy_mse_per_atom": energy_mse, "energy_rmse_per_atom": float(np.sqrt(energy_mse))}

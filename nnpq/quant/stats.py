@@ -106,7 +106,7 @@ def collect_layer_stats(model: ANI, layer: int, configs: list[Configuration], ta
         for config in configs:
             species = torch.as_tensor(np.asarray(config.numbers), dtype=torch.long).unsqueeze(0)
             coords = torch.as_tensor(np.asarray(config.positions), dtype=torch.float32).unsqueeze(0)
-            cell = None if config.cell is None else torch.as_tensor(np.asarray(config.cell), dtype=torch.float32)
+            cell = None if config.cell is None else torch.tensor(np.asarray(config.cell), dtype=torch.float32)
             pbc = None if cell is None else torch.ones(3, dtype=torch.bool)
             if cell is not None:
                 frac = coords @ torch.linalg.inv(cell)

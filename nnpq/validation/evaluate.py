@@ -70,6 +70,7 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
     sq: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
     by_source: dict[str, dict[str, list[float]]] = {}
+    by_kind: dict[str, dict[str, list[float]]] = {}
     per_atom_e, all_sq, ref_sq = [], 0.0, 0.0
     n_comp = 0
     for (e_ref, f_ref), (e_test, f_test), config in zip(reference, test, configs):
@@ -85,10 +86,11 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
             sym = element_symbol(int(z))
             sq.setdefault(sym, []).append(float(np.sum(d[config.numbers == z] ** 2)))
             counts[sym] = counts.get(sym, 0) + int(np.sum(config.numbers == z)) * 3
-        src = by_source.setdefault(config.source.split("/")[0].split(":")[0], {"sq": [], "n": [], "e": []})
-        src["sq"].append(float(np.sum(d**2)))
-        src["n"].append(d.size)
-        src["e"].append(de)
+        for groups, name in ((by_source, config.source.split("/")[0].split(":")[0]), (by_kind, _kind(config.source))):
+            group = groups.setdefault(name, {"sq": [], "n": [], "e": []})
+            group["sq"].append(float(np.sum(d**2)))
+            group["n"].append(d.size)
+            group["e"].append(de)
     return {
         "force_rmse": float(np.sqrt(all_sq / max(n_comp, 1))),
         "force_rms_ref": float(np.sqrt(ref_sq / max(n_comp, 1))),
@@ -96,6 +98,18 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
         "energy_max_per_atom": float(np.max(per_atom_e)) if per_atom_e else 0.0,
         "n_configurations": len(configs),
         "per_element": {s: {"force_rmse": float(np.sqrt(sum(v) / counts[s]))} for s, v in sorted(sq.items())},
-        "per_source": {k: {"force_rmse": float(np.sqrt(sum(v["sq"]) / sum(v["n"]))),
-                           "energy_mae_per_atom": float(np.mean(v["e"]))} for k, v in by_source.items()},
+        "per_source": _summaries(by_source),
+        "per_kind": _summaries(by_kind),
     }
+
+
+def _kind(source: str) -> str:
+    """How a calibration configuration was made (``md300K``, ``displaced``, ...); ``file`` otherwise."""
+    parts = source.split("/")
+    return parts[1] if len(parts) >= 2 else "file"
+
+
+def _summaries(groups: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {k: {"force_rmse": float(np.sqrt(sum(v["sq"]) / sum(v["n"]))),
+                "energy_mae_per_atom": float(np.mean(v["e"])), "n_configurations": len(v["e"])}
+            for k, v in groups.items()}

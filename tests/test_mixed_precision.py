@@ -1,0 +1,277 @@
+"""Mixed precision: error-compensating rounding, activation rounding, sensitivity, bit allocation,
+frontier and the budgeted `nnpq quantize`, on the real ANI-2x with a small calibration set."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnpq.errors import NnpqError
+from nnpq.kernels.int8 import fake_quantize_activation
+from nnpq.quant.allocation import Allocation, allocate, assemble_weights, uniform_allocation
+from nnpq.quant.formats import TensorFormat
+from nnpq.quant.gptq import gptq_quantize
+from nnpq.quant.quantizers import code_range, quantize_nearest
+from nnpq.quant.sensitivity import SensitivityEntry, SensitivityTable
+from nnpq.quant.stats import LayerStats, activation_scale
+
+INT8A = TensorFormat("int", 8, "group", 32, False)
+INT4A = TensorFormat("int", 4, "group", 32, False)
+
+
+def _synthetic_table() -> SensitivityTable:
+    """3 units x (fp32, a, b, c) with hand-set sizes (bytes) and force MSEs."""
+    formats = {"fp32": TensorFormat("fp32"), "int8/channel": TensorFormat("int", 8, "channel"),
+               "int4/g32/asym": INT4A, "int3/g32/asym": TensorFormat("int", 3, "group", 32, False)}
+    sizes = {"fp32": 400.0, "int8/channel": 100.0, "int4/g32/asym": 55.0, "int3/g32/asym": 45.0}
+    mse = {("H", 0): [0, 0.01, 0.5, 2.0], ("H", 1): [0, 0.001, 0.02, 0.1], ("C", 0): [0, 0.004, 0.1, 0.9]}
+    entries = [SensitivityEntry(e, layer, label, sizes[label], m, m ** 0.5, m / 10, (m / 10) ** 0.5, m)
+               for (e, layer), row in mse.items() for label, m in zip(formats, row)]
+    return SensitivityTable("test", entries, formats, fixed_bytes=1000.0, fp32_bytes=2200.0)
+
+
+def _brute_force(table: SensitivityTable, max_bytes=None, max_mse=None) -> float:
+    best = np.inf
+    units = table.units()
+    for combo in itertools.product(table.formats, repeat=len(units)):
+        size = table.fixed_bytes + sum(table.entry(u, c).bytes for u, c in zip(units, combo))
+        mse = sum(table.entry(u, c).force_mse for u, c in zip(units, combo))
+        if max_bytes is not None and size <= max_bytes:
+            best = min(best, mse)
+        if max_mse is not None and mse <= max_mse:
+            best = min(best, size)
+    return best
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_allocation_meets_budgets_and_milp_is_optimal(solver):
+    table = _synthetic_table()
+    for budget in (1180.0, 1250.0, 1400.0):
+        a = allocate(table, max_bytes=budget, solver=solver)
+        assert a.bytes <= budget
+        if solver == "milp":
+            assert a.predicted_force_mse == pytest.approx(_brute_force(table, max_bytes=budget))
+    for mse in (0.05, 0.2, 1.0):
+        a = allocate(table, max_force_mse=mse, solver=solver)
+        assert a.predicted_force_mse <= mse
+        if solver == "milp":
+            assert a.bytes == pytest.approx(_brute_force(table, max_mse=mse))
+
+
+def test_infeasible_budgets_name_the_closest_plan():
+    table = _synthetic_table()
+    with pytest.raises(NnpqError, match="smallest possible is 0.00 MB"):
+        allocate(table, max_bytes=1100.0)
+    with pytest.raises(NnpqError, match="closest"):
+        allocate(table, max_force_mse=1e-4, allowed=["int4/g32/asym", "int3/g32/asym"])
+
+
+def test_uniform_allocation_is_additive():
+    table = _synthetic_table()
+    a = uniform_allocation(table, "int8/channel")
+    assert isinstance(a, Allocation) and a.bytes == 1300.0
+    assert a.predicted_force_mse == pytest.approx(0.015)
+
+
+@pytest.mark.parametrize("fmt", [TensorFormat("int", 8, "channel"), INT8A, INT4A, TensorFormat("int", 3, "tensor")])
+def test_gptq_beats_nearest_on_its_objective(fmt):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 224, generator=gen)
+    # correlated inputs, as AEV features are: rounding errors can then be compensated
+    x = torch.randn(3000, 48, generator=gen) @ torch.randn(48, 224, generator=gen) + 0.1 * torch.randn(3000, 224, generator=gen)
+    h = (x.T @ x).double()
+    qg, qn = gptq_quantize(w, h, fmt), quantize_nearest(w, fmt)
+    lo, hi = code_range(fmt)
+    assert qg.qweight.min() >= lo and qg.qweight.max() <= hi
+
+    def loss(q):
+        d = (q.dequantize() - w).double()
+        return float(torch.sum((d @ h) * d))
+
+    assert loss(qg) < 0.5 * loss(qn)
+
+
+def test_dynamic_activation_rounding_and_straight_through_gradient():
+    x = torch.randn(5, 40, requires_grad=True)
+    y = fake_quantize_activation(x, torch.zeros(1), dynamic=True)
+    step = x.detach().abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((y - x).abs() <= step / 2 + 1e-7) and not torch.equal(y, x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.ones_like(x))
+
+
+def test_static_activation_ranges():
+    values = torch.cat([torch.randn(20000, dtype=torch.float64), torch.tensor([40.0], dtype=torch.float64)])
+    stats = LayerStats(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), 1, 0, 40.0, [values])
+    minmax = activation_scale(stats, "minmax")
+    assert minmax == pytest.approx(40.0 / 127)
+    assert activation_scale(stats, "percentile", 99.9) < minmax  # the outlier is clipped
+    assert activation_scale(stats, "mse") <= minmax
+
+
+# ---------------------------------------------------------------- with the real ANI-2x
+
+
+@pytest.fixture(scope="module")
+def small_calibration(fp32_ani2x):
+    from nnpq.quant.calibration import CalibrationSettings, build_calibration_set
+
+    settings = CalibrationSettings(systems=("ethanol", "sfcl-sulfonamide", "alanine-dipeptide"),
+                                   temperatures=(300.0, 600.0), frames_per_temperature=2, stride=10,
+                                   displaced=1, compression=(0.92,), seed=3)
+    return settings, build_calibration_set(fp32_ani2x, settings)
+
+
+@pytest.fixture(scope="module")
+def fp32_model(fp32_ani2x):
+    return fp32_ani2x.ani
+
+
+@pytest.fixture(scope="module")
+def sensitivity(fp32_model, small_calibration):
+    from nnpq.quant.sensitivity import PlanEvaluator, measure_sensitivity
+
+    _, calib = small_calibration
+    evaluator = PlanEvaluator(fp32_model, calib.calibration, "ani2x")
+    table = measure_sensitivity(fp32_model, "ani2x", calib.calibration, (INT8A, INT4A), evaluator=evaluator)
+    return table, evaluator
+
+
+def test_calibration_split_is_reproducible_and_disjoint(fp32_ani2x, small_calibration):
+    from nnpq.quant.calibration import build_calibration_set
+
+    settings, calib = small_calibration
+    again = build_calibration_set(fp32_ani2x, settings)
+    assert [c.source for c in again.holdout] == [c.source for c in calib.holdout]
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(again.calibration, calib.calibration))
+    assert not {c.source for c in calib.holdout} & {c.source for c in calib.calibration}
+    kinds = {c.source.split("/")[1] for c in calib.calibration + calib.holdout}
+    assert {"md300K", "md600K", "displaced", "compressed0.92", "start"} <= kinds
+
+
+def test_sensitivity_is_measured_and_additive(sensitivity):
+    from nnpq.quant.frontier import dominates_uniform, frontier
+
+    table, evaluator = sensitivity
+    assert len(table.units()) == 21  # 7 elements x 3 hidden layers
+    for unit in table.units():
+        assert table.entry(unit, "fp32").force_mse == 0.0
+        assert table.entry(unit, "int4/g32/asym").force_mse > table.entry(unit, "int8/g32/asym").force_mse > 0
+    assert table.proxy_rank_correlation() > 0.7
+    # additive prediction vs measurement of an assembled mixed plan
+    allocation = allocate(table, max_bytes=12e6)
+    measured = evaluator.errors(assemble_weights(table, allocation))
+    assert measured["force_mse"] == pytest.approx(allocation.predicted_force_mse, rel=0.3)
+    points = frontier(table, evaluator, n_points=3)
+    assert dominates_uniform(points)
+
+
+def test_force_aware_gptq_beats_nearest_on_heldout(fp32_model, fp32_ani2x, small_calibration):
+    from nnpq.models import ANIPotential
+    from nnpq.quant.apply import RoundingSettings, quantize_model
+    from nnpq.quant.plan import uniform_plan
+    from nnpq.validation.evaluate import outputs_on, set_errors
+
+    _, calib = small_calibration
+    reference = outputs_on(fp32_ani2x, calib.holdout)
+    errors = {}
+    for method in ("nearest", "gptq"):
+        model = quantize_model(fp32_model, uniform_plan(INT8A), RoundingSettings(method), calib.calibration)
+        errors[method] = set_errors(reference, outputs_on(ANIPotential(model, method, "ani2x"), calib.holdout),
+                                    calib.holdout)
+    assert errors["gptq"]["force_rmse"] < 0.8 * errors["nearest"]["force_rmse"]
+    # asymmetric INT8 in groups of 32 with GPTQ: well inside a tenth of a kcal/mol/Å here
+    assert errors["gptq"]["force_rmse"] < 0.15 and errors["gptq"]["energy_mae_per_atom"] < 0.01
+
+
+def test_budgeted_quantize_end_to_end(tmp_path, small_calibration, capsys):
+    from nnpq.artifact import read_artifact
+    from nnpq.models import load_potential
+    from nnpq.pipeline import QuantizeOptions, format_result, quantize_to_file
+
+    settings, _ = small_calibration
+    options = QuantizeOptions(max_bytes=11e6, candidates=(TensorFormat("fp16"), INT8A, INT4A),
+                              calibration=settings, baselines=False)
+    out = tmp_path / "mixed.nnpq"
+    result = quantize_to_file("ani2x", out, options)
+    assert out.stat().st_size <= 11e6 * 1.01  # packed codes: the file is the size the plan claims
+    assert abs(out.stat().st_size - result.heldout["this plan"]["bytes"]) < 0.02 * out.stat().st_size
+    manifest = read_artifact(out).manifest
+    assert manifest["metrics"]["budget"]["max_bytes"] == 11e6
+    assert {r["weight"]["bits"] for r in manifest["plan"]["rules"]} >= {4}
+    assert (tmp_path / "mixed-report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "mixed-report" / "sensitivity.json").read_text())["entries"]
+    assert "frontier" in format_result(result)
+    load_potential(out)  # loads and unpacks
+
+
+def test_quantize_is_reproducible_from_seed(tmp_path, small_calibration):
+    from nnpq.artifact import read_artifact
+    from nnpq.pipeline import QuantizeOptions, quantize_to_file
+
+    settings, _ = small_calibration
+    options = QuantizeOptions(calibration=settings, baselines=False)
+    quantize_to_file("ani2x", tmp_path / "a.nnpq", options)
+    quantize_to_file("ani2x", tmp_path / "b.nnpq", options)
+    a, b = read_artifact(tmp_path / "a.nnpq"), read_artifact(tmp_path / "b.nnpq")
+    assert a.manifest["tensors_sha256"] == b.manifest["tensors_sha256"]
+
+
+def test_same_pipeline_on_ani1x(tmp_path, small_calibration):
+    from nnpq.models.fp32 import weights_path
+    from nnpq.pipeline import QuantizeOptions, quantize_to_file
+
+    if not weights_path("ani1x").is_file():
+        pytest.skip("ANI-1x weights not available")
+    settings, _ = small_calibration  # the S/F/Cl molecule is skipped: ANI-1x has no S, F, Cl
+    result = quantize_to_file("ani1x", tmp_path / "a1x.nnpq", QuantizeOptions(calibration=settings, baselines=False))
+    ours = result.heldout["this plan"]
+    assert "sfcl-sulfonamide" not in ours["per_source"]
+    assert 0 < ours["force_rmse"] < 0.3
+
+
+def test_calibration_file_with_foreign_element(tmp_path, fp32_ani2x):
+    import ase
+    import ase.io
+
+    from nnpq.quant.calibration import CalibrationSettings, build_calibration_set
+
+    path = tmp_path / "salt.xyz"
+    ase.io.write(path, ase.Atoms("NaCl", positions=[[0, 0, 0], [2.4, 0, 0]]))
+    settings = CalibrationSettings(systems=(), files=(str(path),))
+    with pytest.raises(NnpqError, match=r"salt.xyz:0: element\(s\) Na not supported") as info:
+        build_calibration_set(fp32_ani2x, settings)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["quantize", "ani3x"], "unknown model"),
+    (["quantize", "ani2x", "--max-size", "1MB", "-q"], "smallest possible"),
+    (["quantize", "ani2x", "--max-size", "lots"], "cannot read size"),
+    (["quantize", "ani2x", "--max-force-rmse", "-1"], "must be a positive number"),
+    (["quantize", "ani2x", "--weight", "int9/channel"], "whole number of bits from 2 to 8"),
+    (["sensitivity", "ani2x", "--calibration", "missing.xyz", "-q"], "not found"),
+])
+def test_cli_bad_quantize_inputs(argv, phrase, capsys):
+    from nnpq.cli import main
+
+    # each of these is refused before any calibration MD starts
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nnpq: error:") and phrase in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_default_quantize_full_calibration(tmp_path):
+    """The long version of the quantize tests: default settings, full calibration set."""
+    from nnpq.pipeline import QuantizeOptions, quantize_to_file
+
+    result = quantize_to_file("ani2x", tmp_path / "default.nnpq", QuantizeOptions())
+    ours, rtn = result.heldout["this plan"], result.heldout["int8/channel RTN"]
+    assert ours["force_rmse"] <= 0.25 * rtn["force_rmse"]
+    assert ours["per_kind"]["md300K"]["force_rmse"] < 0.1
+    assert result.seconds < 600
