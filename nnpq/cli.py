@@ -40,9 +40,13 @@ def _parse_size(text: str) -> float:
 
 
 def _calibration_settings(args: argparse.Namespace):
-    from nnpq.quant.calibration import CalibrationSettings
+    from nnpq.quant.calibration import DEFAULT_SYSTEMS, CalibrationSettings
+    from nnpq.systems import get_system
 
-    return CalibrationSettings(seed=args.seed, files=tuple(args.calibration or ()))
+    systems = DEFAULT_SYSTEMS if not args.calibration_systems else tuple(args.calibration_systems.split(","))
+    for name in systems:
+        get_system(name)  # one-line error for unknown names, before any work starts
+    return CalibrationSettings(systems=systems, seed=args.seed, files=tuple(args.calibration or ()))
 
 
 def _rounding(args: argparse.Namespace):
@@ -67,7 +71,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         candidates=candidates, weight=TensorFormat.parse(args.weight), activation=ActivationFormat(mode=args.activation),
         rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
         max_bytes=None if args.max_size is None else _parse_size(args.max_size),
-        calibration=_calibration_settings(args), report_dir=args.report_dir)
+        calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines)
     output = args.output or f"{model_spec(args.model).name}-w8.nnpq"
     result = quantize_to_file(args.model, output, options, progress=not args.quiet)
     print(format_result(result))
@@ -163,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of calibration MD, displacements and split")
         p.add_argument("--calibration", action="append", metavar="FILE",
                        help="extra calibration structures (XYZ, extended XYZ, PDB); repeatable")
+        p.add_argument("--calibration-systems", metavar="NAMES",
+                       help="comma-separated built-in systems to sample (default: ethanol, aspirin, "
+                       "alanine-dipeptide, sfcl-sulfonamide, water-box)")
         p.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
                        help="error-compensating GPTQ (default) or round-to-nearest")
         p.add_argument("--force-weight", type=float, default=0.5,
@@ -183,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", help="comma-separated formats a budgeted plan may use per element and layer, "
                    "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
     p.add_argument("--report-dir", help="folder for sensitivity and frontier files (default OUTPUT-report)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the baseline plans in the held-out table")
     calibration_args(p)
     p.set_defaults(func=_cmd_quantize)
 
@@ -235,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnpq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nnpq: interrupted (validation runs resume from their checkpoints)", file=sys.stderr)
+        hint = " (rerun the same command to resume from its checkpoints)" if args.command == "validate" else ""
+        print(f"nnpq: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. head, which closed early
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -111,6 +111,13 @@ def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
     return total
 
 
+def source_info(model_name: str) -> dict[str, Any]:
+    """The manifest's description of the FP32 source: name, weights file and its sha256, TorchANI version."""
+    spec = model_spec(model_name)
+    return {"model": spec.name, "title": spec.title, "state_dict_file": spec.state_dict_file,
+            "sha256": file_sha256(weights_path(spec.name)), "torchani_version": torchani.__version__}
+
+
 def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module) -> float:
     """Size of the smallest plan the candidates allow (each hidden layer at its cheapest format)."""
     from nnpq.models.fp32 import hidden_and_final_layers
@@ -232,11 +239,9 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
             rounding = RoundingSettings(method, options.rounding.force_weight, damp=options.rounding.damp)
             heldout[name] = _heldout_row(fp32, uniform_plan(fmt, activation=activation, rounding=method), rounding,
                                          calib, reference, name, seed)
-    source = {"model": spec.name, "title": spec.title, "state_dict_file": spec.state_dict_file,
-              "sha256": file_sha256(weights_path(spec.name)), "torchani_version": torchani.__version__}
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
                "rounding": options.rounding.__dict__}
-    save_artifact(output, quantized, plan, source, metrics)
+    save_artifact(output, quantized, plan, source_info(spec.name), metrics)
     return QuantizeResult(
         output=output, model=spec.name, plan=plan, fp32_file_bytes=weights_path(spec.name).stat().st_size,
         artifact_bytes=output.stat().st_size, fp32_network_bytes=network_bytes(fp32),

@@ -51,13 +51,17 @@ def fp32_ani2x():
 
 @pytest.fixture(scope="session")
 def w8_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An INT8 per-channel artifact of ANI-2x made with the default plan."""
+    """ANI-2x with every hidden layer rounded to nearest per-channel INT8 (no calibration needed)."""
     if not _weights_available("ani2x"):
         pytest.skip("ANI-2x weights not found: set TORCHANI_DATA_DIR")
-    from nnpq.pipeline import quantize_to_file
+    from nnpq.artifact import save_artifact
+    from nnpq.models import load_fp32
+    from nnpq.pipeline import source_info
+    from nnpq.quant.apply import quantize_model
+    from nnpq.quant.plan import default_plan
 
     path = tmp_path_factory.mktemp("artifact") / "ani2x-w8.nnpq"
-    quantize_to_file("ani2x", path, systems=["ethanol"])
+    save_artifact(path, quantize_model(load_fp32("ani2x"), default_plan()), default_plan(), source_info("ani2x"))
     return path
 
 

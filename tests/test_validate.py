@@ -24,16 +24,19 @@ def test_cli_systems_lists_catalogue(capsys):
 
 def test_cli_quantize_writes_file_and_table(tmp_path, capsys):
     out = tmp_path / "e.nnpq"
-    assert main(["quantize", "ani2x", "-o", str(out), "--system", "ethanol", "-q"]) == 0
+    argv = ["quantize", "ani2x", "-o", str(out), "--rounding", "nearest", "--weight", "int8/channel",
+            "--calibration-systems", "ethanol", "--no-baselines", "-q"]
+    assert main(argv) == 0
     text = capsys.readouterr().out
     assert out.is_file() and out.stat().st_size < 16e6  # 55 MB of FP32 -> about 14 MB
-    assert "model file (MB)" in text and "ethanol" in text
+    assert "model file (MB)" in text and "held-out" in text and "int8/channel" in text
 
 
 @pytest.mark.parametrize("argv, phrase", [
     (["validate", "missing.nnpq", "--system", "ethanol"], "not found"),
     (["quantize", "ani3x"], "unknown model"),
     (["quantize", "ani2x", "-o", "x.pt"], "should end in .nnpq"),
+    (["quantize", "ani2x", "--calibration-systems", "ethanol,benzene"], "unknown system 'benzene'"),
 ])
 def test_cli_errors_are_one_line(argv, phrase, capsys):
     assert main(argv) == 2
