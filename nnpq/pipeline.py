@@ -267,9 +267,9 @@ def format_result(result: QuantizeResult) -> str:
     ]
     for name, e in result.heldout.items():
         per = e["per_source"]
-        water = per.get("water-box", {}).get("force_rmse", float("nan"))
-        sfcl = per.get("sfcl-sulfonamide", {}).get("force_rmse", float("nan"))
-        lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>9.4f}{water:>11.4f}{sfcl:>11.4f}"
+        water, sfcl = (f"{per[k]['force_rmse']:>11.4f}" if k in per else f"{'n/a':>11}"
+                       for k in ("water-box", "sfcl-sulfonamide"))
+        lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>9.4f}{water}{sfcl}"
                      f"{e['energy_mae_per_atom']:>11.5f}{e['energy_max_per_atom']:>11.5f}")
     ours = result.heldout["this plan"]
     lines.append(f"(RMS FP32 force on these configurations: {ours['force_rms_ref']:.1f} kcal/mol/Å)")

@@ -6,7 +6,7 @@ import numpy as np
 
 from nnpq.models import ANIPotential, energy_and_forces
 from nnpq.units import HARTREE_TO_KCAL_MOL, HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
-from nnpq.validation.structure import energy_errors, force_errors
+from nnpq.validation.structure import element_symbol, energy_errors, force_errors
 
 # (energy factor from Hartree, force factor from Hartree/Angstrom, energy unit, force unit)
 UNITS = {
@@ -81,8 +81,6 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
         ref_sq += float(np.sum((f_ref * e_factor) ** 2))
         n_comp += d.size
         for z in np.unique(config.numbers):
-            from nnpq.validation.structure import element_symbol
-
             sym = element_symbol(int(z))
             sq.setdefault(sym, []).append(float(np.sum(d[config.numbers == z] ** 2)))
             counts[sym] = counts.get(sym, 0) + int(np.sum(config.numbers == z)) * 3
