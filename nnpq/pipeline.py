@@ -9,6 +9,7 @@ always reported on held-out configurations, beside simple baselines measured the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -41,6 +42,7 @@ BASELINES: tuple[tuple[str, TensorFormat, ActivationFormat, str], ...] = (
     ("W8A8 static/mse", INT8_G32_ASYM, ActivationFormat("static", "mse"), "gptq"),
 )
 CORRECTION_ROUNDS = 3
+EQUALIZED_LAYERS = (0,)  # the AEV-fed first layers, where feature ranges differ most
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
     for (m, e, layer), lin in hidden_and_final_layers(fp32).items():
         fmt = plan.format_for(m, e, layer)
         total += lin.weight.numel() * (fmt.bits_per_weight(lin.in_features) / 8 - 4)
+        total += 4 * lin.in_features * plan.equalize_for(m, e, layer)
     return total
 
 
@@ -116,6 +119,13 @@ def source_info(model_name: str) -> dict[str, Any]:
     spec = model_spec(model_name)
     return {"model": spec.name, "title": spec.title, "state_dict_file": spec.state_dict_file,
             "sha256": file_sha256(weights_path(spec.name)), "torchani_version": torchani.__version__}
+
+
+def file_overhead_bytes(fp32: torch.nn.Module) -> float:
+    """Room for the file's safetensors header and manifest beside the tensor bytes: each tensor's
+    JSON entry (name, dtype, shape, offsets), the quantized layers' extra buffers, the manifest."""
+    keys = fp32.state_dict().keys()
+    return 1.5 * sum(len(k) + 80 for k in keys) + 64e3
 
 
 def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module) -> float:
@@ -147,7 +157,7 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
 
     evaluator = PlanEvaluator(fp32, calib.calibration, name)
     table = measure_sensitivity(fp32, name, calib.calibration, options.candidates, options.rounding, evaluator,
-                                seed=options.calibration.seed, progress=progress)
+                                seed=options.calibration.seed, progress=progress, equalize=EQUALIZED_LAYERS)
     force_budget = None if options.max_force_rmse is None else options.max_force_rmse ** 2
     energy_budget = None if options.max_energy_rmse is None else options.max_energy_rmse ** 2
     history = []
@@ -215,17 +225,21 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
     if output.suffix != ".nnpq":
         raise NnpqError(f"output '{output}' should end in .nnpq, e.g. {spec.name}-w8.nnpq")
     fp32 = load_fp32(spec.name, neighborlist="cell_list")
-    if options.max_bytes is not None and options.max_bytes < smallest_bytes(options.candidates, fp32):
-        raise NnpqError(f"no plan fits in {options.max_bytes / 1e6:.2f} MB; the smallest possible with these "
-                        f"formats is {smallest_bytes(options.candidates, fp32) / 1e6:.2f} MB")
+    overhead = file_overhead_bytes(fp32)
+    if options.max_bytes is not None and options.max_bytes < smallest_bytes(options.candidates, fp32) + overhead:
+        raise NnpqError(f"no plan fits in {options.max_bytes / 1e6:.2f} MB; the smallest possible file with these "
+                        f"formats is {(smallest_bytes(options.candidates, fp32) + overhead) / 1e6:.2f} MB")
     reference_potential = ANIPotential(fp32, spec.name, spec.name)
     calib = build_calibration_set(reference_potential, options.calibration, progress)
     out_dir = Path(options.report_dir) if options.report_dir else output.with_name(output.stem + "-report")
     budget, frontier_text, files = {}, "", []
     if options.has_budget:
+        if options.max_bytes is not None:  # the budget is for the whole file
+            options = dataclasses.replace(options, max_bytes=options.max_bytes - overhead)
         plan, budget, frontier_text, files = _choose_plan(fp32, spec.name, calib, options, out_dir, progress)
     else:
-        plan = uniform_plan(options.weight, activation=options.activation, rounding=options.rounding.method)
+        plan = uniform_plan(options.weight, activation=options.activation, rounding=options.rounding.method,
+                            equalize=EQUALIZED_LAYERS)
     require_known_elements(plan, spec.symbols)
     seed = options.calibration.seed
     quantized = quantize_model(fp32, plan, options.rounding, calib.calibration, seed)

@@ -198,10 +198,10 @@ def test_budgeted_quantize_end_to_end(tmp_path, small_calibration, capsys):
                               calibration=settings, baselines=False)
     out = tmp_path / "mixed.nnpq"
     result = quantize_to_file("ani2x", out, options)
-    assert out.stat().st_size <= 11e6 * 1.01  # packed codes: the file is the size the plan claims
+    assert out.stat().st_size <= 11e6  # packed codes and a header allowance: the budget holds for the file
     assert abs(out.stat().st_size - result.heldout["this plan"]["bytes"]) < 0.02 * out.stat().st_size
     manifest = read_artifact(out).manifest
-    assert manifest["metrics"]["budget"]["max_bytes"] == 11e6
+    assert 10.7e6 < manifest["metrics"]["budget"]["max_bytes"] < 11e6  # tensor bytes: the budget less the header
     assert {r["weight"]["bits"] for r in manifest["plan"]["rules"]} >= {4}
     assert (tmp_path / "mixed-report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "mixed-report" / "sensitivity.json").read_text())["entries"]
@@ -250,7 +250,7 @@ def test_calibration_file_with_foreign_element(tmp_path, fp32_ani2x):
 
 @pytest.mark.parametrize("argv, phrase", [
     (["quantize", "ani3x"], "unknown model"),
-    (["quantize", "ani2x", "--max-size", "1MB", "-q"], "smallest possible"),
+    (["quantize", "ani2x", "--max-size", "1MB", "-q"], "smallest possible file"),
     (["quantize", "ani2x", "--max-size", "lots"], "cannot read size"),
     (["quantize", "ani2x", "--max-force-rmse", "-1"], "must be a positive number"),
     (["quantize", "ani2x", "--weight", "int9/channel"], "whole number of bits from 2 to 8"),

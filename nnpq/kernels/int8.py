@@ -11,19 +11,26 @@ import torch
 from torch import Tensor
 
 
-def dequantize_weight(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
-    """Float32 weight ``(q - zero) * scale`` of shape ``(out, in)`` from int8 codes."""
+def dequantize_weight(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                      col_scale: Tensor | None = None) -> Tensor:
+    """Float32 weight ``(q - zero) * scale / col_scale`` of shape ``(out, in)`` from int8 codes.
+
+    ``col_scale`` (one factor per input, or a single 1) undoes input equalization: the codes
+    quantize ``W diag(col_scale)``, whose columns have more even ranges than ``W``'s.
+    """
     out_features, in_features = qweight.shape
     groups = in_features // group_size
     q = qweight.to(torch.float32).view(out_features, groups, group_size)
-    w = (q - zero.to(torch.float32).unsqueeze(-1)) * scale.unsqueeze(-1)
-    return w.view(out_features, in_features)
+    w = ((q - zero.to(torch.float32).unsqueeze(-1)) * scale.unsqueeze(-1)).view(out_features, in_features)
+    if col_scale is not None:
+        w = w / col_scale
+    return w
 
 
 def int_weight_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor,
-                      group_size: int, bias: Tensor | None) -> Tensor:
+                      group_size: int, bias: Tensor | None, col_scale: Tensor | None = None) -> Tensor:
     """``x @ W.T + bias`` with ``W`` held as integer codes."""
-    return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, group_size), bias)
+    return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, group_size, col_scale), bias)
 
 
 def fake_quantize_activation(x: Tensor, static_scale: Tensor, dynamic: bool) -> Tensor:

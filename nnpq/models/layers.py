@@ -21,7 +21,8 @@ class QuantizedLinear(torch.nn.Module):
     act_mode: int
 
     def __init__(self, in_features: int, out_features: int, rows: int, group_size: int,
-                 symmetric: bool = True, activation: ActivationFormat = NO_ACTIVATION) -> None:
+                 symmetric: bool = True, activation: ActivationFormat = NO_ACTIVATION,
+                 equalized: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -29,6 +30,8 @@ class QuantizedLinear(torch.nn.Module):
         self.act_mode = ACT_MODES[activation.mode]
         # static activation scale (INT8 step of the layer input); unused for other modes
         self.register_buffer("act_scale", torch.zeros(1))
+        # input-equalization factors (see `dequantize_weight`); a single 1 when not equalized
+        self.register_buffer("col_scale", torch.ones(in_features if equalized else 1))
         groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(rows, groups))
@@ -39,16 +42,16 @@ class QuantizedLinear(torch.nn.Module):
 
     @classmethod
     def empty(cls, fmt: TensorFormat, in_features: int, out_features: int,
-              activation: ActivationFormat = NO_ACTIVATION) -> "QuantizedLinear":
+              activation: ActivationFormat = NO_ACTIVATION, equalized: bool = False) -> "QuantizedLinear":
         """A layer shaped for ``fmt``, to be filled by ``load_state_dict``."""
         rows = 1 if fmt.granularity == "tensor" else out_features
         group_size = fmt.group_size_for(in_features)
-        return cls(in_features, out_features, rows, group_size, fmt.symmetric, activation)
+        return cls(in_features, out_features, rows, group_size, fmt.symmetric, activation, equalized)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_mode != 0:
             x = fake_quantize_activation(x, self.act_scale, self.act_mode == 1)
-        return int_weight_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias)
+        return int_weight_linear(x, self.qweight, self.scale, self.zero, self.group_size, self.bias, self.col_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -72,7 +75,7 @@ class HalfLinear(torch.nn.Module):
 
 
 def empty_layer(fmt: TensorFormat, in_features: int, out_features: int,
-                activation: ActivationFormat = NO_ACTIVATION) -> torch.nn.Module:
+                activation: ActivationFormat = NO_ACTIVATION, equalized: bool = False) -> torch.nn.Module:
     """An unfilled layer of the right class and shapes for ``fmt``."""
     if fmt.kind == "fp32":
         layer = torch.nn.Linear(in_features, out_features)
@@ -80,4 +83,4 @@ def empty_layer(fmt: TensorFormat, in_features: int, out_features: int,
         return layer
     if fmt.kind in HALF_DTYPES:
         return HalfLinear(in_features, out_features, HALF_DTYPES[fmt.kind])
-    return QuantizedLinear.empty(fmt, in_features, out_features, activation)
+    return QuantizedLinear.empty(fmt, in_features, out_features, activation, equalized)

@@ -43,6 +43,6 @@ def build_runtime(model_name: str, plan: QuantPlan, state: dict[str, torch.Tenso
     """Rebuild a quantized model from its plan and tensors (as stored in an artifact)."""
     model = assemble_architecture(model_name, neighborlist)
     replace_layers(model, plan, lambda key, fmt, lin: empty_layer(fmt, lin.in_features, lin.out_features,
-                                                                   plan.activation_for(*key)))
+                                                                   plan.activation_for(*key), plan.equalize_for(*key)))
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -33,7 +33,7 @@ class Allocation:
         return float(np.sqrt(self.predicted_force_mse))
 
     def to_plan(self, table: SensitivityTable, description: str) -> QuantPlan:
-        rules = tuple(PlanRule(weight=table.formats[label], element=e, layer=l)
+        rules = tuple(PlanRule(weight=table.formats[label], element=e, layer=l, equalize=l in table.equalized_layers)
                       for (e, l), label in sorted(self.choice.items()) if label != "fp32")
         return QuantPlan(rules=rules, rounding="gptq", description=description)
 

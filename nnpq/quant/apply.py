@@ -19,6 +19,7 @@ from nnpq.errors import NnpqError
 from nnpq.models.layers import HALF_DTYPES, HalfLinear, QuantizedLinear
 from nnpq.models.runtime import LayerKey, replace_layers
 from nnpq.quant.formats import TensorFormat
+from nnpq.quant.equalize import equalized_quantize
 from nnpq.quant.gptq import gptq_quantize
 from nnpq.quant.plan import QuantPlan
 from nnpq.quant.quantizers import QuantizedWeight, quantize_nearest
@@ -74,7 +75,9 @@ def _layer_maker(plan: QuantPlan, quantizer: WeightQuantizer,
             bias = bias + shift.to(bias.dtype)
         activation = plan.activation_for(*key)
         layer = QuantizedLinear(linear.in_features, linear.out_features, qw.scale.shape[0], qw.group_size,
-                                fmt.symmetric, activation)
+                                fmt.symmetric, activation, equalized=qw.col_scale is not None)
+        if qw.col_scale is not None:
+            layer.col_scale.copy_(qw.col_scale)
         if activation.mode == "static":
             if stats is None or key[:2] not in stats:
                 raise NnpqError("static activation ranges need calibration data with every element of the model")
@@ -98,11 +101,13 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
     """A copy of ``fp32`` with each layer stored as ``plan`` says; ``fp32`` is left untouched."""
     model = copy.deepcopy(fp32)
     keys = [(m, e) for m, member in enumerate(model.neural_networks.members) for e in member.atomics]
-    static = any(plan.activation_for(m, e, layer).mode == "static" for m, e in keys for layer in range(n_layers(model)))
-    if rounding.method == "nearest" and not static:
+    needs_data = any(plan.activation_for(m, e, layer).mode == "static" or plan.equalize_for(m, e, layer)
+                     for m, e in keys for layer in range(n_layers(model)))
+    if rounding.method == "nearest" and not needs_data:
         return replace_layers(model, plan, _layer_maker(plan, nearest)).eval()
     if not calibration:
-        raise NnpqError("GPTQ rounding and static activation ranges need calibration configurations")
+        raise NnpqError("GPTQ rounding, input equalization and static activation ranges need calibration "
+                        "configurations")
     for layer in range(n_layers(model)):
         if all(not plan.format_for(m, e, layer).is_integer for m, e in keys):
             replace_layers(model, plan, _layer_maker(plan, nearest), only_layer=layer)  # fp16/bf16 need no data
@@ -111,7 +116,12 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
         stats = collect_layer_stats(model, layer, calibration, rounding.tangents, seed + layer)
 
         def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
-            if rounding.method == "nearest" or key[:2] not in stats:  # element absent from the data
+            if key[:2] not in stats:  # element absent from the calibration data
+                return quantize_nearest(weight, fmt)
+            if plan.equalize_for(*key):
+                return equalized_quantize(weight, fmt, stats[key[:2]], rounding.force_weight, rounding.damp,
+                                          rounding.method)
+            if rounding.method == "nearest":
                 return quantize_nearest(weight, fmt)
             return gptq_quantize(weight, stats[key[:2]].hessian(rounding.force_weight), fmt, rounding.damp)
 

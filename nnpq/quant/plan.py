@@ -24,6 +24,7 @@ class PlanRule:
     layer: int | None = None
     member: int | None = None
     activation: ActivationFormat = NO_ACTIVATION
+    equalize: bool = False  # scale input columns before rounding (integer weights, calibrated)
 
     def matches(self, member: int, element: str, layer: int) -> bool:
         return (
@@ -39,7 +40,7 @@ class PlanRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"element": self.element, "layer": self.layer, "member": self.member,
-                "weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
+                "weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "equalize": self.equalize}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class QuantPlan:
         rule = self.rule_for(member, element, layer)
         return FP32 if rule is None else rule.weight
 
+    def equalize_for(self, member: int, element: str, layer: int) -> bool:
+        """Whether one layer's input columns are equalized before rounding (integer weights only)."""
+        rule = self.rule_for(member, element, layer)
+        return rule is not None and rule.weight.is_integer and rule.equalize
+
     def activation_for(self, member: int, element: str, layer: int) -> ActivationFormat:
         """The input-activation format of one layer (only integer-weight layers round inputs)."""
         rule = self.rule_for(member, element, layer)
@@ -83,7 +89,8 @@ class QuantPlan:
             rules = tuple(
                 PlanRule(weight=TensorFormat.from_dict(r["weight"]), element=r.get("element"),
                          layer=r.get("layer"), member=r.get("member"),
-                         activation=ActivationFormat.from_dict(r.get("activation", {})))
+                         activation=ActivationFormat.from_dict(r.get("activation", {})),
+                         equalize=bool(r.get("equalize", False)))
                 for r in data["rules"]
             )
             return cls(rules=rules, rounding=data.get("rounding", "nearest"),
@@ -94,11 +101,14 @@ class QuantPlan:
 
 def uniform_plan(weight: TensorFormat = INT8_CHANNEL, n_hidden: int = 3,
                  elements: Iterable[str] | None = None, quantize_final: bool = False,
-                 activation: ActivationFormat = NO_ACTIVATION, rounding: str = "nearest") -> QuantPlan:
-    """Every hidden layer in ``weight``; final width-1 layers FP32 unless ``quantize_final``."""
+                 activation: ActivationFormat = NO_ACTIVATION, rounding: str = "nearest",
+                 equalize: tuple[int, ...] = ()) -> QuantPlan:
+    """Every hidden layer in ``weight``; final width-1 layers FP32 unless ``quantize_final``;
+    layers listed in ``equalize`` get input equalization."""
     layers = list(range(n_hidden + (1 if quantize_final else 0)))
     targets = [None] if elements is None else list(elements)
-    rules = tuple(PlanRule(weight=weight, element=e, layer=i, activation=activation) for e in targets for i in layers)
+    rules = tuple(PlanRule(weight=weight, element=e, layer=i, activation=activation, equalize=i in equalize)
+                  for e in targets for i in layers)
     name = weight.label() + (f"+{activation.label()}" if activation.mode != "none" else "")
     return QuantPlan(rules=rules, rounding=rounding, description=f"uniform {name} on hidden layers"
                      + (" and final layers" if quantize_final else ", final layers fp32"))

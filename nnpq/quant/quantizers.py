@@ -23,9 +23,10 @@ class QuantizedWeight:
     scale: Tensor  # float32
     zero: Tensor  # int8; (1, 1) zeros for symmetric formats
     group_size: int
+    col_scale: Tensor | None = None  # (in,) input-equalization factors, or None
 
     def dequantize(self) -> Tensor:
-        return dequantize_weight(self.qweight, self.scale, self.zero, self.group_size)
+        return dequantize_weight(self.qweight, self.scale, self.zero, self.group_size, self.col_scale)
 
 
 def _group_view(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, int]:

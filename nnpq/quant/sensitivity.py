@@ -22,6 +22,7 @@ from torchani.arch import ANI
 from nnpq.models import ANIPotential
 from nnpq.models.fp32 import hidden_and_final_layers
 from nnpq.quant.apply import RoundingSettings
+from nnpq.quant.equalize import equalized_quantize
 from nnpq.quant.formats import TensorFormat
 from nnpq.quant.gptq import gptq_quantize
 from nnpq.quant.quantizers import quantize_nearest
@@ -116,6 +117,7 @@ class SensitivityTable:
     formats: dict[str, TensorFormat]
     fixed_bytes: float  # everything outside the hidden-layer weights (biases, AEV, final layers)
     fp32_bytes: float
+    equalized_layers: tuple[int, ...] = ()
     weights: dict[tuple[Unit, str], dict[LayerKey, Tensor]] = field(default_factory=dict, repr=False)
 
     def units(self) -> list[Unit]:
@@ -138,19 +140,24 @@ class SensitivityTable:
                 "entries": [e.to_dict() for e in self.entries]}
 
 
-def unit_bytes(fmt: TensorFormat, shapes: list[tuple[int, int]]) -> float:
-    """Storage of one unit's weights (all members) in ``fmt``, scales and zero points included."""
-    return sum(fmt.bits_per_weight(i) * o * i / 8 for o, i in shapes)
+def unit_bytes(fmt: TensorFormat, shapes: list[tuple[int, int]], equalized: bool = False) -> float:
+    """Storage of one unit's weights (all members) in ``fmt``, scales, zero points and
+    equalization factors (float32 per input) included."""
+    extra = 4 if equalized and fmt.is_integer else 0
+    return sum(fmt.bits_per_weight(i) * o * i / 8 + extra * i for o, i in shapes)
 
 
 def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[tuple[int, str], LayerStats],
-                rounding: RoundingSettings) -> dict[LayerKey, Tensor]:
+                rounding: RoundingSettings, equalize: bool) -> dict[LayerKey, Tensor]:
     out = {}
     for key, w in weights.items():
         if fmt.kind == "fp32":
             out[key] = w.clone()
         elif not fmt.is_integer:
             out[key] = w.to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt.kind]).to(torch.float32)
+        elif equalize and key[:2] in stats:
+            out[key] = equalized_quantize(w, fmt, stats[key[:2]], rounding.force_weight, rounding.damp,
+                                          rounding.method).dequantize()
         elif rounding.method == "gptq" and key[:2] in stats:
             h = stats[key[:2]].hessian(rounding.force_weight)
             out[key] = gptq_quantize(w, h, fmt, rounding.damp).dequantize()
@@ -162,8 +169,9 @@ def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[
 def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configuration],
                         candidates: tuple[TensorFormat, ...] = DEFAULT_CANDIDATES,
                         rounding: RoundingSettings = RoundingSettings(), evaluator: PlanEvaluator | None = None,
-                        seed: int = 0, progress: bool = False) -> SensitivityTable:
-    """Measure every (element, hidden layer) unit in every candidate format on ``calibration``."""
+                        seed: int = 0, progress: bool = False, equalize: tuple[int, ...] = (0,)) -> SensitivityTable:
+    """Measure every (element, hidden layer) unit in every candidate format on ``calibration``;
+    layers in ``equalize`` are rounded with input equalization, as the plan will do."""
     from tqdm import tqdm
 
     evaluator = evaluator or PlanEvaluator(fp32, calibration, model_name)
@@ -173,7 +181,7 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
     formats = {f.label(): f for f in (TensorFormat("fp32"),) + tuple(candidates)}
     fp32_bytes = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
     hidden_bytes = float(sum(lin.weight.numel() * 4 for k, lin in layers.items() if k[2] < n_hidden))
-    table = SensitivityTable(model_name, [], formats, fp32_bytes - hidden_bytes, fp32_bytes)
+    table = SensitivityTable(model_name, [], formats, fp32_bytes - hidden_bytes, fp32_bytes, tuple(equalize))
     stats_by_layer: dict[int, dict] = {}
     bar = tqdm(total=len(units) * len(formats), desc="sensitivity", unit="case", disable=not progress)
     for element, layer in units:
@@ -184,7 +192,7 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
         originals = {k: layers[k].weight.detach() for k in keys}
         shapes = [tuple(w.shape) for w in originals.values()]
         for label, fmt in formats.items():
-            rounded = _round_unit(originals, fmt, stats, rounding)
+            rounded = _round_unit(originals, fmt, stats, rounding, layer in equalize)
             err = (evaluator.errors(rounded, {element}) if fmt.kind != "fp32"
                    else {"force_mse": 0.0, "force_rmse": 0.0, "energy_mse_per_atom": 0.0, "energy_rmse_per_atom": 0.0})
             proxy = 0.0
@@ -192,7 +200,8 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
                 if k[:2] in stats:
                     d = (rounded[k] - originals[k]).to(torch.float64)
                     proxy += float(torch.sum((d @ stats[k[:2]].tt) * d)) / max(stats[k[:2]].tangent_count, 1)
-            table.entries.append(SensitivityEntry(element, layer, label, unit_bytes(fmt, shapes), err["force_mse"],
+            table.entries.append(SensitivityEntry(element, layer, label, unit_bytes(fmt, shapes, layer in equalize),
+                                                  err["force_mse"],
                                                   err["force_rmse"], err["energy_mse_per_atom"],
                                                   err["energy_rmse_per_atom"], proxy))
             table.weights[((element, layer), label)] = rounded
