@@ -25,6 +25,7 @@ from safetensors.torch import save as st_save
 import nnpq
 from nnpq.atomic_io import write_bytes_atomic
 from nnpq.errors import NnpqError
+from nnpq.models.fp32 import n_layers
 from nnpq.quant.packing import pack_codes, unpack_codes
 from nnpq.quant.plan import QuantPlan
 from nnpq.quant.quantizers import code_range
@@ -87,7 +88,7 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         metrics: optional evaluation results to keep beside the plan.
     """
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    n_hidden = len(model.neural_networks.members[0].atomics[model.symbols[0]].layers)
+    n_hidden = n_layers(model) - 1
     shapes = {}
     for key, bits, lowest in list(_narrow_codes(tensors, plan, n_hidden)):
         shapes[key] = list(tensors[key].shape)

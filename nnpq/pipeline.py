@@ -24,7 +24,7 @@ from nnpq.artifact import save_artifact
 from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, load_fp32, model_spec
-from nnpq.models.fp32 import file_sha256, weights_path
+from nnpq.models.fp32 import file_sha256, n_layers, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
 from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
@@ -102,16 +102,18 @@ def network_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "neural_networks" in k)
 
 
-def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
-    """Size of a plan's model on disk: every hidden weight at its format's bits, the rest FP32."""
+def _fp32_bytes_plus(fp32: torch.nn.Module, layer_change) -> float:
+    """FP32 state bytes plus ``layer_change(key, linear)`` bytes summed over every Linear layer."""
     from nnpq.models.fp32 import hidden_and_final_layers
 
     total = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
-    for (m, e, layer), lin in hidden_and_final_layers(fp32).items():
-        fmt = plan.format_for(m, e, layer)
-        total += lin.weight.numel() * (fmt.bits_per_weight(lin.in_features) / 8 - 4)
-        total += 4 * lin.in_features * plan.equalize_for(m, e, layer)
-    return total
+    return total + sum(layer_change(key, lin) for key, lin in hidden_and_final_layers(fp32).items())
+
+
+def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
+    """Size of a plan's model on disk: every weight at its format's bits, equalization factors, the rest FP32."""
+    return _fp32_bytes_plus(fp32, lambda key, lin: lin.weight.numel() * (
+        plan.format_for(*key).bits_per_weight(lin.in_features) / 8 - 4) + 4 * lin.in_features * plan.equalize_for(*key))
 
 
 def source_info(model_name: str) -> dict[str, Any]:
@@ -130,20 +132,15 @@ def file_overhead_bytes(fp32: torch.nn.Module) -> float:
 
 def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module) -> float:
     """Size of the smallest plan the candidates allow (each hidden layer at its cheapest format)."""
-    from nnpq.models.fp32 import hidden_and_final_layers
-
-    total = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
-    n_hidden = max(k[2] for k in hidden_and_final_layers(fp32))
-    for (_, _, layer), lin in hidden_and_final_layers(fp32).items():
-        if layer < n_hidden:
-            cheapest = min(f.bits_per_weight(lin.in_features) for f in candidates)
-            total += lin.weight.numel() * (cheapest / 8 - 4)
-    return total
+    final = n_layers(fp32) - 1  # the width-1 final layers stay FP32
+    return _fp32_bytes_plus(fp32, lambda key, lin: 0.0 if key[2] == final else lin.weight.numel() * (
+        min(f.bits_per_weight(lin.in_features) for f in candidates) / 8 - 4))
 
 
-def _heldout_row(fp32, plan, rounding, calib: CalibrationSet, reference: Outputs, name: str, seed: int) -> dict:
-    model = quantize_model(fp32, plan, rounding, calib.calibration, seed)
-    errors = set_errors(reference, outputs_on(ANIPotential(model, name, ""), calib.holdout), calib.holdout)
+def _heldout_row(model, plan: QuantPlan, fp32, calib: CalibrationSet, reference: Outputs, label: str,
+                 model_name: str) -> dict:
+    """Held-out errors of a quantized ``model`` against the FP32 ``reference``, with the plan's size."""
+    errors = set_errors(reference, outputs_on(ANIPotential(model, label, model_name), calib.holdout), calib.holdout)
     return {**errors, "bytes": stored_bytes(plan, fp32), "description": plan.description}
 
 
@@ -226,9 +223,11 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
         raise NnpqError(f"output '{output}' should end in .nnpq, e.g. {spec.name}-w8.nnpq")
     fp32 = load_fp32(spec.name, neighborlist="cell_list")
     overhead = file_overhead_bytes(fp32)
-    if options.max_bytes is not None and options.max_bytes < smallest_bytes(options.candidates, fp32) + overhead:
-        raise NnpqError(f"no plan fits in {options.max_bytes / 1e6:.2f} MB; the smallest possible file with these "
-                        f"formats is {(smallest_bytes(options.candidates, fp32) + overhead) / 1e6:.2f} MB")
+    if options.max_bytes is not None:
+        smallest = smallest_bytes(options.candidates, fp32) + overhead
+        if options.max_bytes < smallest:
+            raise NnpqError(f"no plan fits in {options.max_bytes / 1e6:.2f} MB; the smallest possible file with "
+                            f"these formats is {smallest / 1e6:.2f} MB")
     reference_potential = ANIPotential(fp32, spec.name, spec.name)
     calib = build_calibration_set(reference_potential, options.calibration, progress)
     out_dir = Path(options.report_dir) if options.report_dir else output.with_name(output.stem + "-report")
@@ -245,14 +244,13 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
     quantized = quantize_model(fp32, plan, options.rounding, calib.calibration, seed)
 
     reference = outputs_on(reference_potential, calib.holdout)
-    heldout = {"this plan": {**set_errors(reference, outputs_on(ANIPotential(quantized, output.name, spec.name),
-                                                                  calib.holdout), calib.holdout),
-                             "bytes": stored_bytes(plan, fp32), "description": plan.description}}
+    heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name)}
     if options.baselines:
         for name, fmt, activation, method in BASELINES:
             rounding = RoundingSettings(method, options.rounding.force_weight, damp=options.rounding.damp)
-            heldout[name] = _heldout_row(fp32, uniform_plan(fmt, activation=activation, rounding=method), rounding,
-                                         calib, reference, name, seed)
+            baseline = uniform_plan(fmt, activation=activation, rounding=method)
+            model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
+            heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
                "rounding": options.rounding.__dict__}
     save_artifact(output, quantized, plan, source_info(spec.name), metrics)

@@ -124,6 +124,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def n_layers(model: ANI) -> int:
+    """Linear layers per element network, the final width-1 one included (4 for ANI)."""
+    return len(model.neural_networks.members[0].atomics[model.symbols[0]].layers) + 1
+
+
 def hidden_and_final_layers(model: ANI) -> dict[tuple[int, str, int], torch.nn.Linear]:
     """Every Linear layer of every element network of every member.
 

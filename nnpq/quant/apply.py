@@ -17,6 +17,7 @@ from torchani.arch import ANI
 
 from nnpq.errors import NnpqError
 from nnpq.models.layers import HALF_DTYPES, HalfLinear, QuantizedLinear
+from nnpq.models.fp32 import n_layers
 from nnpq.models.runtime import LayerKey, replace_layers
 from nnpq.quant.formats import TensorFormat
 from nnpq.quant.equalize import equalized_quantize
@@ -89,11 +90,6 @@ def _layer_maker(plan: QuantPlan, quantizer: WeightQuantizer,
         return layer
 
     return make
-
-
-def n_layers(model: ANI) -> int:
-    """Linear layers per element network, the final one included (4 for ANI)."""
-    return len(model.neural_networks.members[0].atomics[model.symbols[0]].layers) + 1
 
 
 def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = RoundingSettings("nearest"),

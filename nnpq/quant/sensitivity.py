@@ -20,7 +20,7 @@ from torch import Tensor
 from torchani.arch import ANI
 
 from nnpq.models import ANIPotential
-from nnpq.models.fp32 import hidden_and_final_layers
+from nnpq.models.fp32 import hidden_and_final_layers, n_layers
 from nnpq.quant.apply import RoundingSettings
 from nnpq.quant.equalize import equalized_quantize
 from nnpq.quant.formats import TensorFormat
@@ -176,7 +176,7 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
 
     evaluator = evaluator or PlanEvaluator(fp32, calibration, model_name)
     layers = hidden_and_final_layers(fp32)
-    n_hidden = max(k[2] for k in layers)  # the last index is the width-1 final layer, kept FP32
+    n_hidden = n_layers(fp32) - 1  # the last index is the width-1 final layer, kept FP32
     units = sorted({(e, l) for (_, e, l) in layers if l < n_hidden})
     formats = {f.label(): f for f in (TensorFormat("fp32"),) + tuple(candidates)}
     fp32_bytes = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
