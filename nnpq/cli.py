@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=["none", "dynamic", "static"], default="none",
                    help="INT8 input activations of integer layers (forces then not exact gradients)")
     p.add_argument("--max-force-rmse", type=float, help="choose precisions per element and layer: force RMSE "
-                   "budget in kcal/mol/Å on the calibration set")
+                   "budget in kcal/mol/Å on the calibration configurations of every system")
     p.add_argument("--max-energy-rmse", type=float, help="per-atom energy RMSE budget, kcal/mol")
-    p.add_argument("--max-size", help="size budget, e.g. 8MB: the most accurate plan that fits")
+    p.add_argument("--max-size", help="size budget, e.g. 8MB: the plan that fits with the smallest worst-system force error")
     p.add_argument("--candidates", help="comma-separated formats a budgeted plan may use per element and layer, "
                    "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
     p.add_argument("--report-dir", help="folder for sensitivity and frontier files (default OUTPUT-report)")

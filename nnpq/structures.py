@@ -24,6 +24,11 @@ class Configuration:
     def n_atoms(self) -> int:
         return len(self.numbers)
 
+    @property
+    def group(self) -> str:
+        """The system or file a configuration came from: ``source`` up to its first ``/`` or ``:``."""
+        return self.source.split("/")[0].split(":")[0]
+
 
 def _from_atoms(atoms, source: str) -> Configuration:
     pbc = np.asarray(atoms.pbc, dtype=bool)

@@ -70,6 +70,39 @@ def test_infeasible_budgets_name_the_closest_plan():
         allocate(table, max_force_mse=1e-4, allowed=["int4/g32/asym", "int3/g32/asym"])
 
 
+def _two_source_table() -> SensitivityTable:
+    """Unit ("S", 0) matters only to source "rare", unit ("H", 0) mostly to "common"; by
+    configuration count "common" dominates the mean (9 configurations to 1)."""
+    formats = {"fp32": TensorFormat("fp32"), "int8/g32/asym": INT8A, "int4/g32/asym": INT4A}
+    sizes = {"fp32": 400.0, "int8/g32/asym": 100.0, "int4/g32/asym": 50.0}
+    common = {("H", 0): [0, 0.02, 1.0], ("S", 0): [0, 0.0, 0.0]}
+    rare = {("H", 0): [0, 0.02, 0.3], ("S", 0): [0, 0.05, 2.0]}
+    entries = []
+    for unit in common:
+        for k, label in enumerate(formats):
+            by_source = {"common": common[unit][k], "rare": rare[unit][k]}
+            mean = 0.9 * by_source["common"] + 0.1 * by_source["rare"]
+            entries.append(SensitivityEntry(*unit, label, sizes[label], mean, mean ** 0.5, 0.0, 0.0, mean,
+                                            by_source, dict.fromkeys(by_source, 0.0)))
+    return SensitivityTable("test", entries, formats, fixed_bytes=0.0, fp32_bytes=800.0)
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_allocation_protects_the_worst_source(solver):
+    table = _two_source_table()
+    # 150 bytes: one unit at int8, the other at int4. The mean favours int8 for H (common);
+    # the worst source, "rare", needs S at int8.
+    a = allocate(table, max_bytes=150.0, solver=solver)
+    assert a.choice == {("H", 0): "int4/g32/asym", ("S", 0): "int8/g32/asym"}
+    assert a.predicted_worst_force_rmse == pytest.approx(max(1.0, 0.35) ** 0.5)
+    # an error budget holds on every source, not only on the mean
+    a = allocate(table, max_force_mse=0.5, solver=solver)
+    assert all(v <= 0.5 for v in a.predicted_force_mse_by_source.values())
+    assert a.choice[("S", 0)] != "int4/g32/asym"  # 2.0 on "rare" although its mean share is 0.2
+    a = allocate(table, max_force_mse={"common": 2.0, "rare": 2.5}, solver=solver)
+    assert a.choice == {("H", 0): "int4/g32/asym", ("S", 0): "int4/g32/asym"}
+
+
 def test_uniform_allocation_is_additive():
     table = _synthetic_table()
     a = uniform_allocation(table, "int8/channel")
@@ -166,6 +199,12 @@ def test_sensitivity_is_measured_and_additive(sensitivity):
     allocation = allocate(table, max_bytes=12e6)
     measured = evaluator.errors(assemble_weights(table, allocation))
     assert measured["force_mse"] == pytest.approx(allocation.predicted_force_mse, rel=0.3)
+    by_source = measured["force_mse_by_source"]
+    assert set(by_source) == {"ethanol", "sfcl-sulfonamide", "alanine-dipeptide"}
+    for source, predicted in allocation.predicted_force_mse_by_source.items():
+        assert by_source[source] == pytest.approx(predicted, rel=0.3)
+    counts = [sum(c.group == s for c in evaluator.configs) for s in by_source]
+    assert measured["force_mse"] == pytest.approx(np.dot(counts, list(by_source.values())) / sum(counts))
     points = frontier(table, evaluator, n_points=3)
     assert dominates_uniform(points)
 

@@ -1,15 +1,18 @@
 """Bit allocation: pick one format per (element, layer) unit from a sensitivity table.
 
-Additive error model: the force MSE of a plan is predicted as the sum of the force MSEs its
-units cause alone (likewise the per-atom energy MSE); size is additive exactly. Solved
-exactly as a 0-1 integer program with scipy's ``milp`` (one-hot choice per unit), with a
+Additive error model: the force MSE of a plan on each calibration source (built-in system
+or user file) is predicted as the sum of the force MSEs its units cause alone there
+(likewise the per-atom energy MSE); size is additive exactly. Error budgets hold on every
+source, and under a size budget the worst source's error is minimized, so that rare
+elements (S, F, Cl appear in one molecule) are not sacrificed to the common ones. Solved
+exactly as a mixed 0-1 program with scipy's ``milp`` (one-hot choice per unit), with a
 greedy fallback. Predictions are compared with measurements of the assembled plan and the
-budget is corrected by their ratio.
+budgets are corrected by their ratio (`nnpq.pipeline`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,20 +20,28 @@ from nnpq.errors import NnpqError
 from nnpq.quant.plan import PlanRule, QuantPlan
 from nnpq.quant.sensitivity import SensitivityTable, Unit
 
+MEAN_WEIGHT = 1e-3  # under a size budget: among plans with the same worst source, prefer the lower mean
+Budget = float | dict[str, float] | None  # MSE for every source, or per source
+
 
 @dataclass
 class Allocation:
-    """A choice of format label per unit, with its predicted size (bytes) and errors."""
+    """A choice of format label per unit, with its predicted size (bytes) and errors (MSE)."""
 
     choice: dict[Unit, str]
     bytes: float
-    predicted_force_mse: float
+    predicted_force_mse: float  # mean over calibration configurations
     predicted_energy_mse: float
     solver: str
+    predicted_force_mse_by_source: dict[str, float] = field(default_factory=dict)
 
     @property
     def predicted_force_rmse(self) -> float:
         return float(np.sqrt(self.predicted_force_mse))
+
+    @property
+    def predicted_worst_force_rmse(self) -> float:
+        return float(np.sqrt(max(self.predicted_force_mse_by_source.values(), default=self.predicted_force_mse)))
 
     def to_plan(self, table: SensitivityTable, description: str) -> QuantPlan:
         rules = tuple(PlanRule(weight=table.formats[label], element=e, layer=l, equalize=l in table.equalized_layers)
@@ -38,107 +49,151 @@ class Allocation:
         return QuantPlan(rules=rules, rounding="gptq", description=description)
 
 
-def _matrices(table: SensitivityTable, allowed: list[str] | None = None):
+@dataclass
+class _Problem:
+    """The table as arrays: ``size[u, c]``; ``force``/``energy[s, u, c]`` per source; overall means."""
+
+    units: list[Unit]
+    labels: list[str]
+    sources: list[str]
+    size: np.ndarray
+    force: np.ndarray
+    energy: np.ndarray
+    mean_force: np.ndarray
+    mean_energy: np.ndarray
+
+    def budgets(self, budget: Budget) -> np.ndarray | None:
+        if budget is None:
+            return None
+        if isinstance(budget, dict):
+            return np.array([budget[s] for s in self.sources])
+        return np.full(len(self.sources), float(budget))
+
+
+def _problem(table: SensitivityTable, allowed: list[str] | None = None) -> _Problem:
     units = table.units()
     labels = [label for label in table.formats if allowed is None or label in allowed]
-    size = np.array([[table.entry(u, c).bytes for c in labels] for u in units])
-    force = np.array([[table.entry(u, c).force_mse for c in labels] for u in units])
-    energy = np.array([[table.entry(u, c).energy_mse_per_atom for c in labels] for u in units])
-    return units, labels, size, force, energy
+    entries = [[table.entry(u, c) for c in labels] for u in units]
+    sources = table.sources()
+    if sources:
+        force = np.array([[[e.force_mse_by_source[s] for e in row] for row in entries] for s in sources])
+        energy = np.array([[[e.energy_mse_by_source[s] for e in row] for row in entries] for s in sources])
+    else:  # a table without per-source measurements: one source, the whole set
+        sources = ["all"]
+        force = np.array([[[e.force_mse for e in row] for row in entries]])
+        energy = np.array([[[e.energy_mse_per_atom for e in row] for row in entries]])
+    return _Problem(units, labels, sources, np.array([[e.bytes for e in row] for row in entries]), force, energy,
+                    np.array([[e.force_mse for e in row] for row in entries]),
+                    np.array([[e.energy_mse_per_atom for e in row] for row in entries]))
 
 
-def _result(table, units, labels, pick, size, force, energy, solver) -> Allocation:
-    rows = np.arange(len(units))
-    return Allocation({u: labels[j] for u, j in zip(units, pick)}, table.fixed_bytes + float(size[rows, pick].sum()),
-                      float(force[rows, pick].sum()), float(energy[rows, pick].sum()), solver)
+def _result(table: SensitivityTable, p: _Problem, pick: np.ndarray, solver: str) -> Allocation:
+    rows = np.arange(len(p.units))
+    return Allocation({u: p.labels[j] for u, j in zip(p.units, pick)}, table.fixed_bytes + float(p.size[rows, pick].sum()),
+                      float(p.mean_force[rows, pick].sum()), float(p.mean_energy[rows, pick].sum()), solver,
+                      {s: float(p.force[k][rows, pick].sum()) for k, s in enumerate(p.sources)})
 
 
-def allocate(table: SensitivityTable, max_force_mse: float | None = None, max_energy_mse: float | None = None,
+def allocate(table: SensitivityTable, max_force_mse: Budget = None, max_energy_mse: Budget = None,
              max_bytes: float | None = None, solver: str = "milp", allowed: list[str] | None = None) -> Allocation:
-    """Smallest plan within error budgets, or (with ``max_bytes``) the most accurate within a size.
+    """Smallest plan whose predicted errors are within budget on every source, or (with
+    ``max_bytes``) the plan within that size whose worst source has the smallest force error.
 
-    ``allowed`` restricts the format labels a unit may take (default: all measured, FP32 included).
+    Budgets are MSEs (kcal/mol/Å squared, kcal/mol/atom squared), one for all sources or a
+    dict per source. ``allowed`` restricts the format labels a unit may take.
 
     Raises:
         NnpqError: no plan meets the budgets; the message names the closest one.
     """
-    units, labels, size, force, energy = _matrices(table, allowed)
+    p = _problem(table, allowed)
+    max_force, max_energy = p.budgets(max_force_mse), p.budgets(max_energy_mse)
     if max_bytes is not None:
-        cheapest = table.fixed_bytes + size.min(axis=1).sum()
+        cheapest = table.fixed_bytes + p.size.min(axis=1).sum()
         if max_bytes < cheapest:
             raise NnpqError(f"no plan fits in {max_bytes / 1e6:.2f} MB; the smallest possible is "
                             f"{cheapest / 1e6:.2f} MB (all units at their narrowest format)")
-    pick = _milp(size, force, energy, table.fixed_bytes, max_force_mse, max_energy_mse, max_bytes) \
-        if solver == "milp" else None
+    pick = _milp(p, table.fixed_bytes, max_force, max_energy, max_bytes) if solver == "milp" else None
     used = "milp"
     if pick is None:
-        pick, used = _greedy(size, force, energy, table.fixed_bytes, max_force_mse, max_energy_mse, max_bytes), "greedy"
-    return _result(table, units, labels, pick, size, force, energy, used)
+        pick, used = _greedy(p, table.fixed_bytes, max_force, max_energy, max_bytes), "greedy"
+    return _result(table, p, pick, used)
 
 
-def _milp(size, force, energy, fixed, max_force, max_energy, max_bytes) -> np.ndarray | None:
+def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    n_units, n_choices = size.shape
-    one_hot = np.kron(np.eye(n_units), np.ones(n_choices))
+    n_units, n_choices = p.size.shape
+    n_x, n_sources = n_units * n_choices, len(p.sources)
+    # variables: the one-hot choices x, then t (the worst source's force MSE; used under a size budget)
+    pad = np.zeros((1, 1))
+    one_hot = np.hstack([np.kron(np.eye(n_units), np.ones(n_choices)), np.zeros((n_units, 1))])
     constraints = [LinearConstraint(one_hot, 1, 1)]
+    force = p.force.reshape(n_sources, -1)
     if max_bytes is not None:
-        constraints.append(LinearConstraint(size.reshape(1, -1), -np.inf, max_bytes - fixed))
-        objective = force.reshape(-1) + 1e-12 * size.reshape(-1)  # ties go to the smaller plan
+        constraints.append(LinearConstraint(np.hstack([p.size.reshape(1, -1), pad]), -np.inf, max_bytes - fixed))
+        constraints.append(LinearConstraint(np.hstack([force, -np.ones((n_sources, 1))]), -np.inf, 0))
+        objective = np.append(MEAN_WEIGHT * force.mean(axis=0) + 1e-12 * p.size.reshape(-1), 1.0)
     else:
-        objective = size.reshape(-1)
-    if max_force is not None:
-        constraints.append(LinearConstraint(force.reshape(1, -1), -np.inf, max_force))
-    if max_energy is not None:
-        constraints.append(LinearConstraint(energy.reshape(1, -1), -np.inf, max_energy))
-    res = milp(objective, constraints=constraints, integrality=np.ones(objective.size), bounds=Bounds(0, 1))
+        objective = np.append(p.size.reshape(-1), 0.0)
+    for matrix, budget in ((force, max_force), (p.energy.reshape(n_sources, -1), max_energy)):
+        if budget is not None:
+            constraints.append(LinearConstraint(np.hstack([matrix, np.zeros((n_sources, 1))]), -np.inf, budget))
+    integrality = np.append(np.ones(n_x), 0)
+    res = milp(objective, constraints=constraints, integrality=integrality,
+               bounds=Bounds(np.zeros(n_x + 1), np.append(np.ones(n_x), np.inf)))
     if res.x is None:
         return None
-    return np.argmax(res.x.reshape(n_units, n_choices), axis=1)
+    return np.argmax(res.x[:n_x].reshape(n_units, n_choices), axis=1)
 
 
-def _greedy(size, force, energy, fixed, max_force, max_energy, max_bytes) -> np.ndarray:
+def _greedy(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray:
     """Start from the most accurate choice per unit and take the cheapest error per byte saved."""
-    rows = np.arange(size.shape[0])
-    pick = np.argmin(force + 1e-12 * size, axis=1)
+    rows = np.arange(p.size.shape[0])
 
-    def feasible(p):
-        ok = max_force is None or force[rows, p].sum() <= max_force
-        ok &= max_energy is None or energy[rows, p].sum() <= max_energy
-        return ok
+    def by_source(matrix, pick):
+        return matrix[:, rows, pick].sum(axis=1)
 
+    def error(pick):  # the size-budget objective: worst source, then the mean
+        f = by_source(p.force, pick)
+        return f.max() + MEAN_WEIGHT * f.mean()
+
+    def feasible(pick):
+        ok = max_force is None or bool(np.all(by_source(p.force, pick) <= max_force))
+        return ok and (max_energy is None or bool(np.all(by_source(p.energy, pick) <= max_energy)))
+
+    pick = np.argmin(p.mean_force + 1e-12 * p.size, axis=1)
     if not feasible(pick):
+        worst = int(np.argmax(by_source(p.force, pick) / (1.0 if max_force is None else max_force)))
         raise NnpqError("no plan meets the error budget: the closest, every unit at its most accurate candidate, "
-                        f"is predicted at {np.sqrt(force[rows, pick].sum()):.3g} kcal/mol/Å force RMSE and "
-                        f"{np.sqrt(energy[rows, pick].sum()):.3g} kcal/mol/atom energy RMSE "
-                        f"({(fixed + size[rows, pick].sum()) / 1e6:.2f} MB); loosen the budget or add formats")
-    while True:
+                        f"is predicted at {np.sqrt(by_source(p.force, pick).max()):.3g} kcal/mol/Å force RMSE on "
+                        f"{p.sources[worst]} and {np.sqrt(by_source(p.energy, pick).max()):.3g} kcal/mol/atom energy "
+                        f"RMSE ({(fixed + p.size[rows, pick].sum()) / 1e6:.2f} MB); loosen the budget or add formats")
+    while max_bytes is None or fixed + p.size[rows, pick].sum() > max_bytes:
         best, best_ratio = None, np.inf
         for u in rows:
-            for c in range(size.shape[1]):
-                saved = size[u, pick[u]] - size[u, c]
+            for c in range(p.size.shape[1]):
+                saved = p.size[u, pick[u]] - p.size[u, c]
                 if saved <= 0:
                     continue
                 trial = pick.copy()
                 trial[u] = c
-                within_size = max_bytes is not None and fixed + size[rows, pick].sum() <= max_bytes
-                if within_size or not feasible(trial):
+                if not feasible(trial):
                     continue
-                ratio = (force[u, c] - force[u, pick[u]]) / saved
+                ratio = (error(trial) - error(pick)) / saved
                 if ratio < best_ratio:
                     best, best_ratio = (u, c), ratio
         if best is None:
             break
         pick[best[0]] = best[1]
-    if max_bytes is not None and fixed + size[rows, pick].sum() > max_bytes:
+    if max_bytes is not None and fixed + p.size[rows, pick].sum() > max_bytes:
         raise NnpqError(f"greedy allocation found no plan within {max_bytes / 1e6:.2f} MB")
     return pick
 
 
 def uniform_allocation(table: SensitivityTable, label: str) -> Allocation:
     """Every unit in format ``label`` (the baselines of the frontier)."""
-    units, labels, size, force, energy = _matrices(table)
-    return _result(table, units, labels, np.full(len(units), labels.index(label)), size, force, energy, "uniform")
+    p = _problem(table)
+    return _result(table, p, np.full(len(p.units), p.labels.index(label)), "uniform")
 
 
 def assemble_weights(table: SensitivityTable, allocation: Allocation) -> dict:

@@ -112,7 +112,7 @@ def split(configs: list[Configuration], fraction: float, rng: np.random.Generato
     """Hold out ``fraction`` of the configurations of each source (system or file), at least one each."""
     groups: dict[str, list[Configuration]] = {}
     for config in configs:
-        groups.setdefault(config.source.split("/")[0].split(":")[0], []).append(config)
+        groups.setdefault(config.group, []).append(config)
     calibration, holdout = [], []
     for members in groups.values():
         order = rng.permutation(len(members))

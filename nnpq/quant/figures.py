@@ -44,24 +44,24 @@ def sensitivity_heatmap(table: SensitivityTable, path: str | os.PathLike) -> Pat
 
 def frontier_plot(points: list[FrontierPoint], path: str | os.PathLike, chosen: FrontierPoint | None = None,
                   title: str = "") -> Path:
-    """Measured force RMSE against size for uniform and mixed plans (log scale)."""
+    """Measured worst-source force RMSE against size for uniform and mixed plans (log scale)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     mixed = sorted((p for p in points if p.kind == "mixed"), key=lambda p: p.bytes)
-    ax.plot([p.bytes / 1e6 for p in mixed], [p.force_rmse for p in mixed], "o-", label="mixed (measured)")
-    ax.plot([p.bytes / 1e6 for p in mixed], [p.predicted_force_rmse for p in mixed], "x--", alpha=0.6,
+    ax.plot([p.bytes / 1e6 for p in mixed], [p.worst_force_rmse for p in mixed], "o-", label="mixed (measured)")
+    ax.plot([p.bytes / 1e6 for p in mixed], [p.predicted_worst_force_rmse for p in mixed], "x--", alpha=0.6,
             label="mixed (additive prediction)")
     for p in (p for p in points if p.kind == "uniform"):
-        ax.plot(p.bytes / 1e6, p.force_rmse, "s", color="tab:red")
-        ax.annotate(p.label, (p.bytes / 1e6, p.force_rmse), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot(p.bytes / 1e6, p.worst_force_rmse, "s", color="tab:red")
+        ax.annotate(p.label, (p.bytes / 1e6, p.worst_force_rmse), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([], [], "s", color="tab:red", label="uniform plans")
     if chosen is not None:
-        ax.plot(chosen.bytes / 1e6, chosen.force_rmse, "*", markersize=14, color="gold", markeredgecolor="k",
+        ax.plot(chosen.bytes / 1e6, chosen.worst_force_rmse, "*", markersize=14, color="gold", markeredgecolor="k",
                 label="chosen plan")
     ax.set_xlabel("model size (MB)")
-    ax.set_ylabel("force RMSE vs FP32 (kcal/mol/Å)")
+    ax.set_ylabel("worst system's force RMSE vs FP32 (kcal/mol/Å)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -50,8 +50,9 @@ class PlanEvaluator:
 
     Holds a working FP32 copy whose Linear weights are swapped in and restored per call, so
     any combination of (already rounded) unit weights is measured without rebuilding a model.
-    Each configuration weighs the same (its own mean squared force error), so a 17-atom
-    molecule counts as much as a 555-atom water box and rare elements are not neglected.
+    Each configuration weighs the same (its own mean squared force error), and errors are also
+    kept per source (built-in system or user file), so that a 17-atom molecule with the only
+    S, F and Cl atoms is not drowned by a 555-atom water box.
     """
 
     def __init__(self, fp32: ANI, configs: list[Configuration], model_name: str) -> None:
@@ -62,32 +63,40 @@ class PlanEvaluator:
         self.configs = configs
         self.reference = outputs_on(self.potential, configs)
         self.n_configs = len(configs)
+        self.sources = sorted({c.group for c in configs})
         self.elements = [set(self.potential.ani.symbols[i] for i in
                              self.potential.z_to_index[torch.as_tensor(c.numbers)].tolist()) for c in configs]
 
-    def errors(self, weights: dict[LayerKey, Tensor], elements: set[str] | None = None) -> dict[str, float]:
-        """Force SSE/RMSE and per-atom energy MSE/RMSE with ``weights`` in place (others FP32).
+    def errors(self, weights: dict[LayerKey, Tensor], elements: set[str] | None = None) -> dict:
+        """Force and per-atom energy MSE/RMSE with ``weights`` in place (others FP32), overall
+        (mean over configurations) and per source (``force_mse_by_source``, ``energy_mse_by_source``).
 
         Only configurations containing one of ``elements`` are recomputed; the others are
         unchanged by construction.
         """
+        force = {s: [] for s in self.sources}
+        energy = {s: [] for s in self.sources}
         try:
             for key, w in weights.items():
                 self.layers[key].weight.copy_(w)
-            force_sse, energy_sq = 0.0, 0.0
             for config, ref, present in zip(self.configs, self.reference, self.elements):
                 if elements is not None and not (present & elements):
+                    force[config.group].append(0.0)
+                    energy[config.group].append(0.0)
                     continue
                 test = outputs_on(self.potential, [config])[0]
-                force_sse += float(np.mean(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2))
-                energy_sq += ((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms) ** 2
+                force[config.group].append(float(np.mean(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2)))
+                energy[config.group].append(((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms) ** 2)
         finally:
             for key in weights:
                 self.layers[key].weight.copy_(self.originals[key])
-        force_mse = force_sse / self.n_configs
-        energy_mse = energy_sq / self.n_configs
+        force_mse = sum(map(sum, force.values())) / self.n_configs
+        energy_mse = sum(map(sum, energy.values())) / self.n_configs
+        by_source = {s: float(np.mean(v)) for s, v in force.items()}
         return {"force_mse": force_mse, "force_rmse": float(np.sqrt(force_mse)),
-                "energy_mse_per_atom": energy_mse, "energy_rmse_per_atom": float(np.sqrt(energy_mse))}
+                "energy_mse_per_atom": energy_mse, "energy_rmse_per_atom": float(np.sqrt(energy_mse)),
+                "force_mse_by_source": by_source, "energy_mse_by_source": {s: float(np.mean(v)) for s, v in energy.items()},
+                "worst_force_rmse": float(np.sqrt(max(by_source.values())))}
 
 
 @dataclass
@@ -103,6 +112,8 @@ class SensitivityEntry:
     energy_mse_per_atom: float
     energy_rmse_per_atom: float
     proxy: float
+    force_mse_by_source: dict[str, float] = field(default_factory=dict)
+    energy_mse_by_source: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +133,9 @@ class SensitivityTable:
 
     def units(self) -> list[Unit]:
         return sorted({(e.element, e.layer) for e in self.entries})
+
+    def sources(self) -> list[str]:
+        return sorted({s for e in self.entries for s in e.force_mse_by_source})
 
     def entry(self, unit: Unit, label: str) -> SensitivityEntry:
         return next(e for e in self.entries if (e.element, e.layer) == unit and e.format == label)
@@ -193,8 +207,7 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
         shapes = [tuple(w.shape) for w in originals.values()]
         for label, fmt in formats.items():
             rounded = _round_unit(originals, fmt, stats, rounding, layer in equalize)
-            err = (evaluator.errors(rounded, {element}) if fmt.kind != "fp32"
-                   else {"force_mse": 0.0, "force_rmse": 0.0, "energy_mse_per_atom": 0.0, "energy_rmse_per_atom": 0.0})
+            err = evaluator.errors(rounded if fmt.kind != "fp32" else {}, {element})
             proxy = 0.0
             for k in keys:
                 if k[:2] in stats:
@@ -203,7 +216,8 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
             table.entries.append(SensitivityEntry(element, layer, label, unit_bytes(fmt, shapes, layer in equalize),
                                                   err["force_mse"],
                                                   err["force_rmse"], err["energy_mse_per_atom"],
-                                                  err["energy_rmse_per_atom"], proxy))
+                                                  err["energy_rmse_per_atom"], proxy,
+                                                  err["force_mse_by_source"], err["energy_mse_by_source"]))
             table.weights[((element, layer), label)] = rounded
             bar.update(1)
     bar.close()

@@ -84,7 +84,7 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
             sym = element_symbol(int(z))
             sq.setdefault(sym, []).append(float(np.sum(d[config.numbers == z] ** 2)))
             counts[sym] = counts.get(sym, 0) + int(np.sum(config.numbers == z)) * 3
-        for groups, name in ((by_source, config.source.split("/")[0].split(":")[0]), (by_kind, _kind(config.source))):
+        for groups, name in ((by_source, config.group), (by_kind, _kind(config.source))):
             group = groups.setdefault(name, {"sq": [], "n": [], "e": []})
             group["sq"].append(float(np.sum(d**2)))
             group["n"].append(d.size)
