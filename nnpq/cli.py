@@ -46,7 +46,8 @@ def _calibration_settings(args: argparse.Namespace):
     systems = DEFAULT_SYSTEMS if not args.calibration_systems else tuple(args.calibration_systems.split(","))
     for name in systems:
         get_system(name)  # one-line error for unknown names, before any work starts
-    return CalibrationSettings(systems=systems, seed=args.seed, files=tuple(args.calibration or ()))
+    return CalibrationSettings(systems=systems, seed=args.seed, files=tuple(args.calibration or ()),
+                               topology=args.calibration_topology)
 
 
 def _rounding(args: argparse.Namespace):
@@ -59,6 +60,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from nnpq.models import model_spec
     from nnpq.pipeline import QuantizeOptions, format_result, quantize_to_file
     from nnpq.quant.formats import ActivationFormat, TensorFormat
+    from nnpq.quant.refit import RefitSettings
 
     for name, value in (("--max-force-rmse", args.max_force_rmse), ("--max-energy-rmse", args.max_energy_rmse)):
         if value is not None and not value > 0:
@@ -71,7 +73,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         candidates=candidates, weight=TensorFormat.parse(args.weight), activation=ActivationFormat(mode=args.activation),
         rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
         max_bytes=None if args.max_size is None else _parse_size(args.max_size),
-        calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines)
+        calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines,
+        refit=RefitSettings(steps=args.refit_steps))
     output = args.output or f"{model_spec(args.model).name}-w8.nnpq"
     result = quantize_to_file(args.model, output, options, progress=not args.quiet)
     print(format_result(result))
@@ -166,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     def calibration_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of calibration MD, displacements and split")
         p.add_argument("--calibration", action="append", metavar="FILE",
-                       help="extra calibration structures (XYZ, extended XYZ, PDB); repeatable")
+                       help="extra calibration structures (XYZ, extended XYZ, PDB, DCD); repeatable")
+        p.add_argument("--calibration-topology", metavar="PDB", help="topology for DCD calibration files")
         p.add_argument("--calibration-systems", metavar="NAMES",
                        help="comma-separated built-in systems to sample (default: ethanol, aspirin, "
                        "alanine-dipeptide, sfcl-sulfonamide, water-box)")
@@ -191,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
     p.add_argument("--report-dir", help="folder for sensitivity and frontier files (default OUTPUT-report)")
     p.add_argument("--no-baselines", action="store_true", help="skip the baseline plans in the held-out table")
+    p.add_argument("--refit-steps", type=int, default=30, metavar="N",
+                   help="steps of force/energy matching of the FP32 biases and final layers after rounding "
+                   "(default 30; 0 turns it off)")
     calibration_args(p)
     p.set_defaults(func=_cmd_quantize)
 

@@ -30,6 +30,7 @@ from nnpq.quant.apply import RoundingSettings, quantize_model
 from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
 from nnpq.quant.formats import INT8_CHANNEL, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
 from nnpq.quant.plan import QuantPlan, require_known_elements, uniform_plan
+from nnpq.quant.refit import RefitSettings, refit
 from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
@@ -53,6 +54,7 @@ class QuantizeOptions:
         weight: the uniform weight format used when no budget is given.
         activation: input-activation rounding of integer layers (uniform plans only).
         rounding: how weights are rounded (force-aware GPTQ by default).
+        refit: force/energy matching of the FP32 biases and final layers after rounding.
         max_force_rmse: force RMSE budget, kcal/mol/Å, on the calibration configurations of every
             system and user file.
         max_energy_rmse: per-atom energy RMSE budget, kcal/mol, likewise on every system.
@@ -66,6 +68,7 @@ class QuantizeOptions:
     weight: TensorFormat = INT8_G32_ASYM
     activation: ActivationFormat = NO_ACTIVATION
     rounding: RoundingSettings = RoundingSettings()
+    refit: RefitSettings = RefitSettings()
     max_force_rmse: float | None = None
     max_energy_rmse: float | None = None
     max_bytes: float | None = None
@@ -247,7 +250,13 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
     quantized = quantize_model(fp32, plan, options.rounding, calib.calibration, seed)
 
     reference = outputs_on(reference_potential, calib.holdout)
-    heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name)}
+    heldout = {}
+    refit_loss: list[float] = []
+    if options.refit.steps > 0:
+        heldout["before refit"] = _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name)
+        refit_loss = refit(quantized, spec.name, calib.calibration, outputs_on(reference_potential, calib.calibration),
+                           options.refit, progress)
+    heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name), **heldout}
     if options.baselines:
         for name, fmt, activation, method in BASELINES:
             rounding = RoundingSettings(method, options.rounding.force_weight, damp=options.rounding.damp)
@@ -255,7 +264,8 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
             model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
             heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
-               "rounding": options.rounding.__dict__}
+               "rounding": options.rounding.__dict__,
+               "refit": {**dataclasses.asdict(options.refit), "loss_first": refit_loss[:1], "loss_last": refit_loss[-1:]}}
     save_artifact(output, quantized, plan, source_info(spec.name), metrics)
     return QuantizeResult(
         output=output, model=spec.name, plan=plan, fp32_file_bytes=weights_path(spec.name).stat().st_size,

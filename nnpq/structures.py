@@ -65,7 +65,8 @@ def read_configurations(path: str | os.PathLike, topology: str | os.PathLike | N
 
 def _read_dcd(path: Path, topology: str | os.PathLike | None) -> list[Configuration]:
     if topology is None:
-        raise NnpqError(f"{path.name} is a DCD trajectory: give its topology too (--topology FILE.pdb)")
+        raise NnpqError(f"{path.name} is a DCD trajectory: give its topology too, a PDB with the same atoms "
+                        "(--topology for nnpq evaluate, --calibration-topology for nnpq quantize)")
     import mdtraj as md
 
     try:

@@ -215,3 +215,17 @@ def test_cli_bad_inputs_exit_2_with_one_line(w8_path, files, case, phrases, caps
 def test_no_inputs_is_an_error():
     with pytest.raises(NnpqError, match="--input"):
         evaluate_files("ani2x", [])
+
+
+def test_dcd_calibration_files_need_and_use_a_topology(files, fp32_ani2x):
+    from nnpq.quant.calibration import CalibrationSettings, build_calibration_set
+
+    settings = CalibrationSettings(systems=(), files=(str(files["dcd"]),), topology=str(files["top"]))
+    calib = build_calibration_set(fp32_ani2x, settings)
+    configs = calib.calibration + calib.holdout
+    assert len(configs) == N_ASPIRIN and calib.holdout and calib.calibration
+    xyz = {c.source.split(":")[1]: c.positions for c in read_configurations(files["xyz"])}
+    for c in configs:  # the DCD frames are the XYZ frames (float32 on disk)
+        assert np.allclose(c.positions, xyz[c.source.split(":")[1]], atol=1e-4)
+    with pytest.raises(NnpqError, match="--calibration-topology"):
+        build_calibration_set(fp32_ani2x, CalibrationSettings(systems=(), files=(str(files["dcd"]),)))

@@ -37,6 +37,7 @@ class CalibrationSettings:
         holdout_fraction: share of each system's frames kept out for evaluation.
         seed: seeds MD, displacements and the split.
         files: user structure files added to the pool.
+        topology: PDB topology for DCD ``files``.
     """
 
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
@@ -49,6 +50,7 @@ class CalibrationSettings:
     holdout_fraction: float = 0.3
     seed: int = 0
     files: tuple[str, ...] = field(default_factory=tuple)
+    topology: str | None = None
 
 
 @dataclass
@@ -109,16 +111,25 @@ def check_elements(configs: list[Configuration], potential: ANIPotential) -> Non
 
 
 def split(configs: list[Configuration], fraction: float, rng: np.random.Generator) -> CalibrationSet:
-    """Hold out ``fraction`` of the configurations of each source (system or file), at least one each."""
+    """Hold out ``fraction`` of the configurations of each source (system or file), at least one
+    each, spread over the kinds (MD temperatures, displaced, compressed) in proportion: members
+    are shuffled within each kind, laid out kind after kind, and taken at even spacing from a
+    random offset, so neither set is short of the hard (displaced, compressed) configurations."""
     groups: dict[str, list[Configuration]] = {}
     for config in configs:
         groups.setdefault(config.group, []).append(config)
     calibration, holdout = [], []
     for members in groups.values():
-        order = rng.permutation(len(members))
+        by_kind: dict[str, list[Configuration]] = {}
+        for config in members:
+            by_kind.setdefault(config.source.split("/")[1] if "/" in config.source else "", []).append(config)
+        ordered = [kind[i] for kind in by_kind.values() for i in rng.permutation(len(kind))]
         n_hold = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
-        holdout += [members[i] for i in order[:n_hold]]
-        calibration += [members[i] for i in order[n_hold:]]
+        step = len(members) / max(n_hold, 1)
+        offset = rng.uniform(0, step)
+        held = {int(offset + i * step) for i in range(n_hold)}
+        holdout += [c for i, c in enumerate(ordered) if i in held]
+        calibration += [c for i, c in enumerate(ordered) if i not in held]
     return CalibrationSet(calibration, holdout)
 
 
@@ -129,7 +140,7 @@ def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings
 
     user: list[Configuration] = []
     for path in settings.files:  # read and check user files first: a bad file should not wait for MD
-        user += read_configurations(path)
+        user += read_configurations(path, settings.topology)
     check_elements(user, potential)
     rng = np.random.default_rng(settings.seed)
     supported = set(potential.supported_numbers.tolist())
