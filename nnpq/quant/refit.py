@@ -57,9 +57,9 @@ def refit(model: ANI, model_name: str, calibration: list[Configuration], referen
     if settings.steps <= 0 or not calibration:
         return []
     potential = ANIPotential(model, "refit", model_name)
-    data = [(torch.as_tensor(c.numbers), torch.as_tensor(c.positions, dtype=torch.float64),
-             None if c.cell is None else torch.as_tensor(c.cell, dtype=torch.float64), energy,
-             torch.as_tensor(forces), c.n_atoms) for c, (energy, forces) in zip(calibration, reference)]
+    data = [(torch.tensor(c.numbers), torch.tensor(c.positions, dtype=torch.float64),
+             None if c.cell is None else torch.tensor(c.cell, dtype=torch.float64), energy,
+             torch.tensor(forces), c.n_atoms) for c, (energy, forces) in zip(calibration, reference)]
     params = fp32_parameters(model)
     for p in params:
         p.requires_grad_(True)
