@@ -42,6 +42,7 @@ DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (
     TensorFormat("int", 5, "group", 32, False),
     TensorFormat("int", 4, "group", 32, False),
     TensorFormat("int", 3, "group", 32, False),
+    TensorFormat("int", 2, "group", 32, False),  # for the units that hardly matter (S, F, Cl networks)
 )
 
 
