@@ -31,7 +31,7 @@ from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_ca
 from nnpq.quant.formats import INT8_CHANNEL, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
 from nnpq.quant.plan import QuantPlan, require_known_elements, uniform_plan
 from nnpq.quant.refit import RefitSettings, refit
-from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
+from nnpq.quant.sensitivity import DEFAULT_CANDIDATES, unit_bytes
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
 # (name, weight format, activation format, rounding): what a user would otherwise reach for
@@ -145,8 +145,7 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
         if key[2] == final:
             return 0.0
         cheapest = min(candidates, key=lambda f: f.bits_per_weight(lin.in_features))
-        factors = 4 * lin.in_features if cheapest.is_integer and key[2] in equalized else 0
-        return lin.weight.numel() * (cheapest.bits_per_weight(lin.in_features) / 8 - 4) + factors
+        return unit_bytes(cheapest, [tuple(lin.weight.shape)], key[2] in equalized) - 4 * lin.weight.numel()
 
     return _fp32_bytes_plus(fp32, change)
 

@@ -29,6 +29,12 @@ class Configuration:
         """The system or file a configuration came from: ``source`` up to its first ``/`` or ``:``."""
         return self.source.split("/")[0].split(":")[0]
 
+    @property
+    def kind(self) -> str:
+        """How a calibration configuration was made (``md300K``, ``displaced``, ...); ``file`` otherwise."""
+        parts = self.source.split("/")
+        return parts[1] if len(parts) >= 2 else "file"
+
 
 def _from_atoms(atoms, source: str) -> Configuration:
     pbc = np.asarray(atoms.pbc, dtype=bool)

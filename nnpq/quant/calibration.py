@@ -122,7 +122,7 @@ def split(configs: list[Configuration], fraction: float, rng: np.random.Generato
     for members in groups.values():
         by_kind: dict[str, list[Configuration]] = {}
         for config in members:
-            by_kind.setdefault(config.source.split("/")[1] if "/" in config.source else "", []).append(config)
+            by_kind.setdefault(config.kind, []).append(config)
         ordered = [kind[i] for kind in by_kind.values() for i in rng.permutation(len(kind))]
         n_hold = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
         step = len(members) / max(n_hold, 1)

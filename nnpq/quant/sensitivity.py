@@ -72,9 +72,11 @@ class PlanEvaluator:
         """Force and per-atom energy MSE/RMSE with ``weights`` in place (others FP32), overall
         (mean over configurations) and per source (``force_mse_by_source``, ``energy_mse_by_source``).
 
-        Only configurations containing one of ``elements`` are recomputed; the others are
-        unchanged by construction.
+        Only configurations containing one of ``elements`` are recomputed (none when ``weights``
+        is empty); the others are unchanged by construction.
         """
+        if not weights:  # nothing substituted: zero error by construction
+            elements = set()
         force = {s: [] for s in self.sources}
         energy = {s: [] for s in self.sources}
         try:

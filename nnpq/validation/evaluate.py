@@ -84,7 +84,7 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
             sym = element_symbol(int(z))
             sq.setdefault(sym, []).append(float(np.sum(d[config.numbers == z] ** 2)))
             counts[sym] = counts.get(sym, 0) + int(np.sum(config.numbers == z)) * 3
-        for groups, name in ((by_source, config.group), (by_kind, _kind(config.source))):
+        for groups, name in ((by_source, config.group), (by_kind, config.kind)):
             group = groups.setdefault(name, {"sq": [], "n": [], "e": []})
             group["sq"].append(float(np.sum(d**2)))
             group["n"].append(d.size)
@@ -99,12 +99,6 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
         "per_source": _summaries(by_source),
         "per_kind": _summaries(by_kind),
     }
-
-
-def _kind(source: str) -> str:
-    """How a calibration configuration was made (``md300K``, ``displaced``, ...); ``file`` otherwise."""
-    parts = source.split("/")
-    return parts[1] if len(parts) >= 2 else "file"
 
 
 def _summaries(groups: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
