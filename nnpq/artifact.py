@@ -26,9 +26,9 @@ import nnpq
 from nnpq.atomic_io import write_bytes_atomic
 from nnpq.errors import NnpqError
 from nnpq.models.fp32 import n_layers
-from nnpq.quant.packing import pack_codes, unpack_codes
-from nnpq.quant.plan import QuantPlan
-from nnpq.quant.quantizers import code_range
+from nnpq.spec.packing import pack_codes, unpack_codes
+from nnpq.spec.plan import QuantPlan
+from nnpq.spec.formats import code_range
 
 FORMAT_NAME = "nnpq"
 FORMAT_VERSION = 1

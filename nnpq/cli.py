@@ -59,7 +59,7 @@ def _rounding(args: argparse.Namespace):
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from nnpq.models import model_spec
     from nnpq.pipeline import QuantizeOptions, format_result, quantize_to_file
-    from nnpq.quant.formats import ActivationFormat, TensorFormat
+    from nnpq.spec.formats import ActivationFormat, TensorFormat
     from nnpq.quant.refit import RefitSettings
 
     for name, value in (("--max-force-rmse", args.max_force_rmse), ("--max-energy-rmse", args.max_energy_rmse)):

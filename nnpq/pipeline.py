@@ -28,8 +28,8 @@ from nnpq.models.fp32 import file_sha256, n_layers, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
 from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
-from nnpq.quant.formats import INT8_CHANNEL, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
-from nnpq.quant.plan import QuantPlan, require_known_elements, uniform_plan
+from nnpq.spec.formats import INT8_CHANNEL, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
+from nnpq.spec.plan import QuantPlan, require_known_elements, uniform_plan
 from nnpq.quant.refit import RefitSettings, refit
 from nnpq.quant.sensitivity import DEFAULT_CANDIDATES, unit_bytes
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors

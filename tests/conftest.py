@@ -58,7 +58,7 @@ def w8_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nnpq.models import load_fp32
     from nnpq.pipeline import source_info
     from nnpq.quant.apply import quantize_model
-    from nnpq.quant.plan import default_plan
+    from nnpq.spec.plan import default_plan
 
     path = tmp_path_factory.mktemp("artifact") / "ani2x-w8.nnpq"
     save_artifact(path, quantize_model(load_fp32("ani2x"), default_plan()), default_plan(), source_info("ani2x"))

@@ -20,7 +20,7 @@ from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, energy_and_forces, load_fp32, load_potential
 from nnpq.models.fp32 import file_sha256, weights_path
 from nnpq.quant.apply import quantize_model
-from nnpq.quant.plan import QuantPlan, default_plan
+from nnpq.spec.plan import QuantPlan, default_plan
 from nnpq.systems import get_system
 
 # sha256 of TorchANI's published ani2x_state_dict.pt (the file in TORCHANI_DATA_DIR/StateDicts)
@@ -294,8 +294,8 @@ def test_checksum_handles_scalar_tensors():
 def test_narrow_codes_are_bit_packed_and_round_trip(tmp_path):
     """4-bit codes take 4 bits on disk and load back to the very same model."""
     from nnpq.pipeline import source_info
-    from nnpq.quant.formats import TensorFormat
-    from nnpq.quant.plan import uniform_plan
+    from nnpq.spec.formats import TensorFormat
+    from nnpq.spec.plan import uniform_plan
 
     plan = uniform_plan(TensorFormat("int", 4, "group", 32, False))
     model = quantize_model(load_fp32("ani2x"), plan)

@@ -13,9 +13,10 @@ import torch
 from nnpq.errors import NnpqError
 from nnpq.kernels.int8 import fake_quantize_activation
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights, uniform_allocation
-from nnpq.quant.formats import TensorFormat
+from nnpq.spec.formats import TensorFormat
 from nnpq.quant.gptq import gptq_quantize
-from nnpq.quant.quantizers import code_range, quantize_nearest
+from nnpq.quant.quantizers import quantize_nearest
+from nnpq.spec.formats import code_range
 from nnpq.quant.sensitivity import SensitivityEntry, SensitivityTable
 from nnpq.quant.stats import LayerStats, activation_scale
 
@@ -221,7 +222,7 @@ def test_smallest_size_check_matches_the_allocation(sensitivity, fp32_model):
 def test_force_aware_gptq_beats_nearest_on_heldout(fp32_model, fp32_ani2x, small_calibration):
     from nnpq.models import ANIPotential
     from nnpq.quant.apply import RoundingSettings, quantize_model
-    from nnpq.quant.plan import uniform_plan
+    from nnpq.spec.plan import uniform_plan
     from nnpq.validation.evaluate import outputs_on, set_errors
 
     _, calib = small_calibration
@@ -240,7 +241,7 @@ def test_refit_of_fp32_parameters_lowers_errors_and_keeps_codes(fp32_model, fp32
     from nnpq.models import ANIPotential
     from nnpq.models.layers import QuantizedLinear
     from nnpq.quant.apply import RoundingSettings, quantize_model
-    from nnpq.quant.plan import uniform_plan
+    from nnpq.spec.plan import uniform_plan
     from nnpq.quant.refit import RefitSettings, refit
     from nnpq.validation.evaluate import outputs_on, set_errors
 

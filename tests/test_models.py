@@ -322,7 +322,7 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.skipif(not _weights_available("ani1x"), reason="ANI-1x weights not found")
 def test_ani1x_pipeline(fp32_ani2x):
     from nnpq.quant.apply import quantize_model
-    from nnpq.quant.plan import default_plan
+    from nnpq.spec.plan import default_plan
 
     fp32 = load_fp32("ani1x")
     quantized = ANIPotential(quantize_model(fp32, default_plan()), "ani1x-w8", "ani1x")

@@ -14,9 +14,10 @@ import torch
 from nnpq.errors import NnpqError
 from nnpq.kernels.int8 import dequantize_weight, int_weight_linear
 from nnpq.models.layers import QuantizedLinear
-from nnpq.quant.formats import FP32, INT8_CHANNEL, TensorFormat
-from nnpq.quant.plan import PlanRule, QuantPlan, default_plan, require_known_elements, uniform_plan
-from nnpq.quant.quantizers import code_range, quantize_nearest
+from nnpq.spec.formats import FP32, INT8_CHANNEL, TensorFormat
+from nnpq.spec.plan import PlanRule, QuantPlan, default_plan, require_known_elements, uniform_plan
+from nnpq.quant.quantizers import quantize_nearest
+from nnpq.spec.formats import code_range
 
 OUT, IN = 48, 1008  # ANI-2x first hidden layers read the 1008-long AEV
 

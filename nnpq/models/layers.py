@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from nnpq.kernels.int8 import fake_quantize_activation, int_weight_linear
-from nnpq.quant.formats import NO_ACTIVATION, ActivationFormat, TensorFormat
+from nnpq.spec.formats import NO_ACTIVATION, ActivationFormat, TensorFormat
 
 ACT_MODES = {"none": 0, "dynamic": 1, "static": 2}
 

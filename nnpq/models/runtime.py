@@ -13,8 +13,8 @@ from torchani.arch import ANI
 
 from nnpq.models.fp32 import assemble_architecture, hidden_and_final_layers
 from nnpq.models.layers import empty_layer
-from nnpq.quant.formats import TensorFormat
-from nnpq.quant.plan import QuantPlan
+from nnpq.spec.formats import TensorFormat
+from nnpq.spec.plan import QuantPlan
 
 LayerKey = tuple[int, str, int]
 LayerFactory = Callable[[LayerKey, TensorFormat, torch.nn.Linear], torch.nn.Module]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnpq.errors import NnpqError
-from nnpq.quant.plan import PlanRule, QuantPlan
+from nnpq.spec.plan import PlanRule, QuantPlan
 from nnpq.quant.sensitivity import SensitivityTable, Unit
 
 MEAN_WEIGHT = 1e-3  # under a size budget: among plans with the same worst source, prefer the lower mean

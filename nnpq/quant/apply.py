@@ -19,10 +19,10 @@ from nnpq.errors import NnpqError
 from nnpq.models.layers import HALF_DTYPES, HalfLinear, QuantizedLinear
 from nnpq.models.fp32 import n_layers
 from nnpq.models.runtime import LayerKey, replace_layers
-from nnpq.quant.formats import TensorFormat
+from nnpq.spec.formats import TensorFormat
 from nnpq.quant.equalize import equalized_quantize
 from nnpq.quant.gptq import gptq_quantize
-from nnpq.quant.plan import QuantPlan
+from nnpq.spec.plan import QuantPlan
 from nnpq.quant.quantizers import QuantizedWeight, quantize_nearest
 from nnpq.quant.stats import LayerStats, activation_scale, collect_layer_stats
 from nnpq.structures import Configuration

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nnpq.quant.formats import TensorFormat
+from nnpq.spec.formats import TensorFormat
 from nnpq.quant.gptq import gptq_quantize
 from nnpq.quant.quantizers import QuantizedWeight, quantize_nearest
 from nnpq.quant.stats import LayerStats

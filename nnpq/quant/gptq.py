@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nnpq.quant.formats import TensorFormat
-from nnpq.quant.quantizers import QuantizedWeight, code_range, quant_params
+from nnpq.spec.formats import TensorFormat
+from nnpq.quant.quantizers import QuantizedWeight, quant_params
+from nnpq.spec.formats import code_range
 
 BLOCK = 128
 

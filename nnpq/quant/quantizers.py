@@ -1,4 +1,4 @@
-"""Round-to-nearest weight quantizers for the formats of `nnpq.quant.formats`."""
+"""Round-to-nearest weight quantizers for the formats of `nnpq.spec.formats`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 
 from nnpq.errors import NnpqError
 from nnpq.kernels.int8 import dequantize_weight
-from nnpq.quant.formats import TensorFormat
+from nnpq.spec.formats import TensorFormat, code_range
 
 
 @dataclass
@@ -56,14 +56,6 @@ def quant_params(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, Tensor, int]:
         zero = torch.round(-lo / scale.clamp(min=torch.finfo(torch.float32).tiny)) - 2 ** (fmt.bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: any scale works
     return scale, zero, group_size
-
-
-def code_range(fmt: TensorFormat) -> tuple[int, int]:
-    """Smallest and largest integer code of an integer format."""
-    if fmt.symmetric:
-        qmax = 2 ** (fmt.bits - 1) - 1
-        return -qmax, qmax
-    return -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
 
 
 def round_to_grid(w: Tensor, scale: Tensor, zero: Tensor, group_size: int, fmt: TensorFormat) -> Tensor:

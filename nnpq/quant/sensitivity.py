@@ -23,7 +23,7 @@ from nnpq.models import ANIPotential
 from nnpq.models.fp32 import hidden_and_final_layers, n_layers
 from nnpq.quant.apply import RoundingSettings
 from nnpq.quant.equalize import equalized_quantize
-from nnpq.quant.formats import TensorFormat
+from nnpq.spec.formats import TensorFormat
 from nnpq.quant.gptq import gptq_quantize
 from nnpq.quant.quantizers import quantize_nearest
 from nnpq.quant.stats import LayerStats, collect_layer_stats

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from nnpq.errors import NnpqError
-from nnpq.quant.formats import FP32, INT8_CHANNEL, NO_ACTIVATION, ActivationFormat, TensorFormat
+from nnpq.spec.formats import FP32, INT8_CHANNEL, NO_ACTIVATION, ActivationFormat, TensorFormat
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,14 @@ class TensorFormat:
                             "int4/g32/asym, int8/tensor, fp16 or bf16") from None
 
 
+def code_range(fmt: TensorFormat) -> tuple[int, int]:
+    """Smallest and largest integer code of an integer format."""
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        return -qmax, qmax
+    return -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
+
+
 ACTIVATION_MODES = ("none", "dynamic", "static")
 ACTIVATION_RANGES = ("minmax", "percentile", "mse")
 
