@@ -280,3 +280,10 @@ def test_wrong_device_is_reported():
     other = "meta"
     with pytest.raises(NnpqError, match="one device"):
         T.w8_linear(torch.randn(4, 112, device=other), *_to(DEVICE, q, scale, zero), 16)
+
+
+@pytest.mark.parametrize("rows,block_m", [(1, {16}), (16, {16}), (17, {32}), (64, {64}), (300, {64, 128}), (20000, {64, 128})])
+def test_autotuning_keeps_tiles_that_fit_the_rows(rows, block_m):
+    """The GPU path tunes over at most four tiles whose BLOCK_M suits the atom count (16 for rare elements)."""
+    kept = T._prune(T._CONFIGS, {}, M_BUCKET=T.m_bucket(rows))
+    assert {c.kwargs["BLOCK_M"] for c in kept} == block_m and 1 <= len(kept) <= 4

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+import triton.testing
+from triton.language.extra import libdevice
 from torch import Tensor
 
 from nnpq.errors import NnpqError
@@ -42,7 +44,7 @@ M_BUCKET_CAP = 8192
 def _round_half_even(v, FAST: tl.constexpr):
     """Round to the nearest integer, ties to even (torch.round); ``FAST`` uses the GPU's cvt.rni."""
     if FAST:
-        return tl.extra.cuda.libdevice.rint(v)
+        return libdevice.rint(v)
     f = tl.floor(v)
     d = v - f  # exact for |v| < 2^23
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
@@ -148,7 +150,7 @@ def _w8_input_grad_kernel(g_ptr, a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, o_ptr,
 
 @triton.jit
 def _w8a8_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym, M_BUCKET,
-                 K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 K: tl.constexpr, SPLITS: tl.constexpr, NUM_SEG: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, CELU_ALPHA: tl.constexpr, FAST_RINT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,7 +158,7 @@ def _w8a8_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
     mask_m = rm < M
     mask_n = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(len(SPLITS) - 1):
+    for s in tl.static_range(NUM_SEG):
         lo: tl.constexpr = SPLITS[s]
         hi: tl.constexpr = SPLITS[s + 1]
         # sweep 1: absmax of each row over this segment
@@ -197,13 +199,19 @@ _INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 64}
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Tiles for the M bucket: BLOCK_M = the bucket up to 64, and 64 or 128 above (at most 4 configs)."""
-    bucket = named_args["M_BUCKET"]
+    bucket = {**named_args, **kwargs}["M_BUCKET"]  # passed by keyword: Triton puts it in kwargs
     wanted = {bucket} if bucket <= 64 else {64, 128}
     return [c for c in configs if c.kwargs["BLOCK_M"] in wanted]
 
 
+def _quick_bench(fn, quantiles):
+    # the kernels take microseconds: short benchmarks keep first calls (compile + tune) to about a second
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
 def _tuned(kernel):
-    return triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
+                           do_bench=_quick_bench)(kernel)
 
 
 _w8_linear_tuned = _tuned(_w8_linear_kernel)
@@ -211,9 +219,14 @@ _w8_input_grad_tuned = _tuned(_w8_input_grad_kernel)
 _w8a8_tuned = _tuned(_w8a8_kernel)
 
 
+def m_bucket(rows: int) -> int:
+    """The autotuning bucket of ``rows``: the next power of two, 16 to `M_BUCKET_CAP`."""
+    return min(max(16, triton.next_power_of_2(rows)), M_BUCKET_CAP)
+
+
 def _launch(kernel, tuned, cols: int, rows: int, *args, **meta) -> None:
     """Launch on a (column tiles, row tiles) grid: the interpreter's fixed tile, or the autotuned one on a GPU."""
-    meta["M_BUCKET"] = min(max(16, triton.next_power_of_2(rows)), M_BUCKET_CAP)
+    meta["M_BUCKET"] = m_bucket(rows)
     if INTERPRETED:
         tile = _INTERPRETER_TILE
         kernel[(triton.cdiv(cols, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))](*args, **meta, **tile)
@@ -301,6 +314,11 @@ def _check_precision(precision: str) -> None:
     _check(precision in PRECISIONS, f"precision must be one of {PRECISIONS} (float32 inputs only), got {precision!r}")
 
 
+def _dot_precision(precision: str, dtype: torch.dtype) -> str:
+    """The precision only selects how float32 tiles use the tensor cores; 16-bit tiles get Triton's default."""
+    return precision if dtype == torch.float32 else "tf32"
+
+
 def _out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
     out = default if out_dtype is None else out_dtype
     _check(out in _FLOAT_DTYPES, f"out_dtype must be float16, bfloat16 or float32, got {out}")
@@ -336,7 +354,7 @@ def w8_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, gr
             x.shape[0], n, x.stride(0), s_sn, s_zn, s_zg, s_c, y.stride(0),
             K=k, GROUP=group_size, BLOCK_K=_block_k(group_size, x.dtype),
             HAS_ZERO=zero is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None,
-            CELU_ALPHA=alpha, PRECISION=precision, UPCAST=INTERPRETED)
+            CELU_ALPHA=alpha, PRECISION=_dot_precision(precision, x.dtype), UPCAST=INTERPRETED)
     return y
 
 
@@ -371,7 +389,7 @@ def w8_linear_input_grad(grad_y: Tensor, qweight: Tensor, scale: Tensor, zero: T
             grad_y.shape[0], grad_y.stride(0), act.stride(0), s_sn, s_zn, s_zg, s_c, out.stride(0),
             N=n, K=k, GROUP=group_size, BLOCK_R=_block_k(n, grad_y.dtype),
             HAS_ZERO=zero is not None, HAS_COL=col_scale is not None, CELU_ALPHA=alpha,
-            PRECISION=precision, UPCAST=INTERPRETED)
+            PRECISION=_dot_precision(precision, grad_y.dtype), UPCAST=INTERPRETED)
     return out
 
 
@@ -402,6 +420,6 @@ def w8a8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None 
     _launch(_w8a8_kernel, _w8a8_tuned, n, x.shape[0],
             x, qweight, wscale, wscale if bias is None else bias, y,
             x.shape[0], n, x.stride(0), y.stride(0),
-            K=k, SPLITS=splits, BLOCK_K=64, HAS_BIAS=bias is not None, CELU_ALPHA=alpha,
+            K=k, SPLITS=splits, NUM_SEG=len(splits) - 1, BLOCK_K=64, HAS_BIAS=bias is not None, CELU_ALPHA=alpha,
             FAST_RINT=not INTERPRETED)
     return y
