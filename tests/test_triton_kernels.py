@@ -138,6 +138,7 @@ def test_w8_linear_matches_reference(m, k, n, group_size, dtype, precision, layo
 
 def test_w8_linear_reads_quantized_linear_buffers():
     """The kernel takes the runtime layer's buffers as they are (asymmetric groups, equalization) and agrees with it."""
+    pytest.importorskip("torchani")  # nnpq.models needs it (absent on bare GPU machines)
     from nnpq.models.layers import QuantizedLinear
 
     k, n, group_size = 224, 96, 32
