@@ -95,24 +95,25 @@ def _dequantized(q, scale, zero, group_size, col):
     return dequantize_weight(q, scale, torch.zeros(1, 1, dtype=torch.int8) if zero is None else zero, group_size, col)
 
 
-# (M, K, N, group_size, x dtype, precision, layout, col_scale, bias, CELU)
+# (M, K, N, group_size, x dtype, precision, layout, col_scale, bias, CELU, fold_scales)
 LINEAR_CASES = [
-    (1, 224, 32, 32, torch.float16, "tf32", "group-asym", False, True, True),
-    (5, 224, 96, 32, torch.float16, "tf32", "group-asym", True, True, True),
-    (17, 112, 96, 112, torch.float16, "tf32", "channel-sym", False, True, True),
-    (64, 224, 32, 224, torch.float16, "tf32", "channel-zero11", True, False, False),
-    (17, 224, 96, 32, torch.bfloat16, "tf32", "group-asym", True, True, True),
-    (5, 112, 32, 16, torch.bfloat16, "tf32", "tensor-group", False, True, False),
-    (17, 224, 96, 32, torch.float32, "ieee", "group-asym", True, True, True),
-    (64, 112, 96, 112, torch.float32, "tf32", "channel-sym", False, True, True),
-    (1, 112, 32, 16, torch.float32, "tf32x3", "tensor-group", True, False, True),
+    (1, 224, 32, 32, torch.float16, "tf32", "group-asym", False, True, True, True),
+    (5, 224, 96, 32, torch.float16, "tf32", "group-asym", True, True, True, False),
+    (17, 112, 96, 112, torch.float16, "tf32", "channel-sym", False, True, True, True),
+    (64, 224, 32, 224, torch.float16, "tf32", "channel-zero11", True, False, False, True),
+    (17, 224, 96, 32, torch.bfloat16, "tf32", "group-asym", True, True, True, True),
+    (5, 112, 32, 16, torch.bfloat16, "tf32", "tensor-group", False, True, False, False),
+    (17, 224, 96, 32, torch.float32, "ieee", "group-asym", True, True, True, True),
+    (64, 112, 96, 112, torch.float32, "tf32", "channel-sym", False, True, True, True),
+    (1, 112, 32, 16, torch.float32, "tf32x3", "tensor-group", True, False, True, False),
     # ANI layer 0: K = 1008 AEV features, "g32" groups of 28
-    (5, 1008, 32, 28, torch.float16, "tf32", "group-asym", True, True, True),
+    (5, 1008, 32, 28, torch.float16, "tf32", "group-asym", True, True, True, True),
+    (5, 1008, 32, 28, torch.float16, "tf32", "group-asym", True, True, True, False),
 ]
 
 
-@pytest.mark.parametrize("m,k,n,group_size,dtype,precision,layout,use_col,use_bias,celu", LINEAR_CASES)
-def test_w8_linear_matches_reference(m, k, n, group_size, dtype, precision, layout, use_col, use_bias, celu):
+@pytest.mark.parametrize("m,k,n,group_size,dtype,precision,layout,use_col,use_bias,celu,fold", LINEAR_CASES)
+def test_w8_linear_matches_reference(m, k, n, group_size, dtype, precision, layout, use_col, use_bias, celu, fold):
     gen = torch.Generator().manual_seed(m * 7 + n)
     q, scale, zero = _layer(n, k, group_size, layout)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -120,7 +121,7 @@ def test_w8_linear_matches_reference(m, k, n, group_size, dtype, precision, layo
     bias = torch.randn(n, generator=gen) if use_bias else None
     alpha = ALPHA if celu else None
     y = T.w8_linear(*_to(DEVICE, x, q, scale, zero), group_size, *_to(DEVICE, bias, col), celu_alpha=alpha,
-                    precision=precision)
+                    precision=precision, fold_scales=fold)
     assert y.shape == (m, n) and y.dtype == dtype
     ref = R.w8_linear_reference(x, q, scale, zero, group_size, bias, col, alpha)
 
@@ -128,7 +129,10 @@ def test_w8_linear_matches_reference(m, k, n, group_size, dtype, precision, layo
     u_in = UNIT[dtype] if (use_col and dtype != torch.float32) else 0.0
     if dtype == torch.float32 and precision == "tf32":
         u_in = TF32
-    relative = u_in + (k + 4) * EPS32  # + float32 sums, scales, the reference's own roundings
+    # folded group scales: the dequantized weight is rounded to the dot dtype too
+    u_w = (TF32 if precision == "tf32" else EPS32) if dtype == torch.float32 else UNIT[dtype]
+    u_w = u_w if (fold and k // group_size > 1) else 0.0
+    relative = u_in + u_w + (k + 4) * EPS32  # + float32 sums, scales, the reference's own roundings
     mag = R.dot_error_bound(x.float(), _dequantized(q, scale, zero, group_size, col).T, 1.0)
     if bias is not None:
         mag = mag + bias.abs().double()
@@ -185,13 +189,13 @@ def test_w8_linear_input_grad_is_the_input_gradient(m, k, n, group_size, dtype, 
     assert got.shape == (m, k) and got.dtype == dtype
     ref = R.w8_linear_input_grad_reference(grad_y.to(dtype), q, scale, zero, group_size, col, celu_out, alpha)
 
-    # the scaled weight is rounded to the dot dtype, and grad_y * celu' too
+    # grad_y * celu' * scale is rounded to the dot dtype once; codes minus zeros are exact
     u_op = TF32 if (dtype == torch.float32 and precision == "tf32") else UNIT[dtype]
     if dtype == torch.float32 and precision == "ieee":
         u_op = EPS32
     g = grad_y.to(dtype).float() * (R.celu_grad_from_output(celu_out.float(), ALPHA) if celu else 1.0)
     mag = R.dot_error_bound(g, _dequantized(q, scale, zero, group_size, col), 1.0)
-    tol = (2 * u_op + (n + 4) * EPS32) * mag + UNIT[dtype] * ref.abs().double()
+    tol = (u_op + (n + 4) * EPS32) * mag + UNIT[dtype] * ref.abs().double()
     _assert_within(got, ref, tol, SIGNAL_FRACTION[dtype])
     if dtype == torch.float32:
         # the reference itself is the autograd gradient (celu' from the output) up to float32 sums
@@ -265,6 +269,7 @@ def test_empty_rows_give_empty_outputs():
     (lambda x, q, s, z: T.w8_linear(x, q, s, z.float(), 16), "zero must be int8"),
     (lambda x, q, s, z: T.w8_linear(x, q, s, z, 16, celu_alpha=-1.0), "celu_alpha must be positive"),
     (lambda x, q, s, z: T.w8_linear(x, q, s, z, 16, precision="fp8"), "precision must be one of"),
+    (lambda x, q, s, z: T.w8_linear(x, q, s, z, 16, fold_scales="yes"), "fold_scales must be True or False"),
     (lambda x, q, s, z: T.w8_linear_input_grad(x[:, :32], q, s, z, 16, celu_alpha=0.1), "celu_output and celu_alpha"),
     (lambda x, q, s, z: T.w8a8_linear(x, q, s[:, 0].contiguous(), act_splits=(200,)), "act_splits must increase"),
     (lambda x, q, s, z: T.w8a8_linear(x, q, s), "wscale must be float32 with one scale per output channel"),

@@ -144,6 +144,9 @@ def _ops(d: LayerData) -> list[Op]:
     return [Op(*spec) for spec in [
         ("w8a16-fp16-g28-asym", "forward",
          lambda: T.w8_linear(x16, d.q, d.scale_g, d.zero_g, GROUP, d.bias, d.col, ALPHA), ref_g(x16), lin),
+        ("w8a16-fp16-g28-asym-unfolded", "forward",
+         lambda: T.w8_linear(x16, d.q, d.scale_g, d.zero_g, GROUP, d.bias, d.col, ALPHA, fold_scales=False),
+         ref_g(x16), lin),
         ("w8a16-fp16-channel-sym", "forward",
          lambda: T.w8_linear(x16, d.q, d.scale_c, None, k, d.bias, None, ALPHA),
          lambda: R.w8_linear_reference(x16, d.q, d.scale_c, None, k, d.bias, None, ALPHA), lin),
@@ -232,14 +235,14 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'system':<12} {'el':<2} {'M':>5} {'N':>5} {'op':<26} {'ms':>8} {'vs fp32':>8} {'vs bf16':>8} " \
+    head = f"{'system':<12} {'el':<2} {'M':>5} {'N':>5} {'op':<28} {'ms':>8} {'vs fp32':>8} {'vs bf16':>8} " \
            f"{'max|err|':>9} {'rel err':>8} {'1st s':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['system']:<12} {r['element']:<2} {r['M']:>5} {r['N']:>5} {r['op']:<26} FAILED {r['error']}")
+            lines.append(f"{r['system']:<12} {r['element']:<2} {r['M']:>5} {r['N']:>5} {r['op']:<28} FAILED {r['error']}")
             continue
-        lines.append(f"{r['system']:<12} {r['element']:<2} {r['M']:>5} {r['N']:>5} {r['op']:<26} {r['ms']:>8.4f} "
+        lines.append(f"{r['system']:<12} {r['element']:<2} {r['M']:>5} {r['N']:>5} {r['op']:<28} {r['ms']:>8.4f} "
                      f"{r.get('speedup_vs_torch_fp32', float('nan')):>8.2f} {r.get('speedup_vs_torch_bf16', float('nan')):>8.2f} "
                      f"{r['max_abs_err']:>9.2e} {r['rel_err']:>8.1e} {r['first_call_s']:>6.2f}")
     return "\n".join(lines)

@@ -5,10 +5,13 @@ rows = 1 or N, optional int8 zero points of the same layout (asymmetric) and opt
 input-equalization factors ``col_scale`` (K,): ``W = ((q - zero) * scale) / col_scale``
 (`nnpq.kernels.int8.dequantize_weight`). Plain-torch references: `nnpq.kernels.reference`.
 
-- `w8_linear`: ``celu(x W^T + b)``, the weight dequantized inside the GEMM. Codes minus zero
-  points are small integers, exact in fp16/bf16/tf32, so the dot runs on them and each K block
-  (never straddling a quantization group) is scaled per output channel after its dot.
-- `w8_linear_input_grad`: ``(grad_y * celu'(z)) @ W``, the input gradient of the same layer.
+- `w8_linear`: ``celu(x W^T + b)``, the weight dequantized inside the GEMM, K blocks never
+  straddling a quantization group. Codes minus zero points are small integers, exact in
+  fp16/bf16/tf32: with one group (per-channel scales) the dot runs on them and the scale goes in
+  the epilogue; with groups, each group's scale is folded into the weight tile (default) or
+  applied to the group's partial product (``fold_scales=False``, exact weights, slower).
+- `w8_linear_input_grad`: ``(grad_y * celu'(z)) @ W``, the input gradient of the same layer,
+  with output tiles inside one group so the group's scale folds into grad_y's columns.
 - `w8a8_linear`: int8 x int8 -> int32 GEMM. The per-row (per-atom) activation absmax is
   computed IN THE KERNEL: each program first sweeps its rows over K (per K segment when
   ``act_splits`` are given), then quantizes its x tiles in the prologue; the row x channel
@@ -75,8 +78,8 @@ def _w8_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, b_ptr, y_ptr,
                       M, N, stride_xm, stride_sn, stride_zn, stride_zg, stride_c, stride_ym, M_BUCKET,
                       K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      CELU_ALPHA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      CELU_ALPHA: tl.constexpr, FOLD_SCALES: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # N tiles vary fastest, so programs running together share x rows (and the whole weight) in L2
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,12 +103,17 @@ def _w8_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, b_ptr, y_ptr,
         w = tl.load(w_ptr + rn[None, :] * K + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.float32)
         if HAS_ZERO:
             w -= tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)[None, :]
-        w = w.to(x_ptr.dtype.element_ty)
         if NUM_GROUPS == 1:
-            acc = _dot(x, w, acc, PRECISION, UPCAST)
+            acc = _dot(x, w.to(x_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
         else:
             s = tl.load(s_ptr + rn * stride_sn + g, mask=mask_n, other=0.0)
-            acc += _dot(x, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION, UPCAST) * s[None, :]
+            if FOLD_SCALES:
+                # the dequantized weight, rounded to the dot dtype, keeps one accumulator chain
+                acc = _dot(x, (w * s[None, :]).to(x_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
+            else:
+                part = _dot(x, w.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                            PRECISION, UPCAST)
+                acc += part * s[None, :]
     if NUM_GROUPS == 1:
         acc *= tl.load(s_ptr + rn * stride_sn, mask=mask_n, other=0.0)[None, :]
     acc = _bias_celu(acc, b_ptr, rn, mask_n, HAS_BIAS, CELU_ALPHA)
@@ -120,28 +128,30 @@ def _w8_input_grad_kernel(g_ptr, a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, o_ptr,
                           HAS_ZERO: tl.constexpr, HAS_COL: tl.constexpr, CELU_ALPHA: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # output tile (BLOCK_M rows, BLOCK_N input features); the reduction runs over the N outputs
-    rk = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # output tile: BLOCK_M rows x BLOCK_N input features inside ONE quantization group, so the
+    # group's scale and zero point are vectors over the reduced dimension N: the scale folds into
+    # grad_y's columns and the dot runs on exact codes minus zeros
+    BLOCKS_PER_GROUP: tl.constexpr = (GROUP + BLOCK_N - 1) // BLOCK_N
+    grp = tl.program_id(0) // BLOCKS_PER_GROUP
+    within = (tl.program_id(0) % BLOCKS_PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = within < GROUP
+    rk = grp * GROUP + within
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
-    mask_k = rk < K
-    gk = rk // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_R):
         rn = n0 + tl.arange(0, BLOCK_R)
         mask_n = rn < N
         mask_mn = mask_m[:, None] & mask_n[None, :]
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask_mn, other=0.0)
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask_mn, other=0.0).to(tl.float32)
         if CELU_ALPHA > 0.0:
             y = tl.load(a_ptr + rm[:, None] * stride_am + rn[None, :], mask=mask_mn, other=0.0).to(tl.float32)
-            g = (g.to(tl.float32) * tl.where(y > 0.0, 1.0, y / CELU_ALPHA + 1.0)).to(g_ptr.dtype.element_ty)
-        mask_nk = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_nk, other=0).to(tl.float32)
+            g *= tl.where(y > 0.0, 1.0, y / CELU_ALPHA + 1.0)
+        g *= tl.load(s_ptr + rn * stride_sn + grp, mask=mask_n, other=0.0)[None, :]
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
         if HAS_ZERO:
-            w -= tl.load(z_ptr + rn[:, None] * stride_zn + gk[None, :] * stride_zg, mask=mask_nk, other=0).to(tl.float32)
-        # the scale varies along both n and k here, so the weight is rounded to the dot dtype once scaled
-        w *= tl.load(s_ptr + rn[:, None] * stride_sn + gk[None, :], mask=mask_nk, other=0.0)
-        acc = _dot(g, w.to(g_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
+            w -= tl.load(z_ptr + rn * stride_zn + grp * stride_zg, mask=mask_n, other=0).to(tl.float32)[:, None]
+        acc = _dot(g.to(g_ptr.dtype.element_ty), w.to(g_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
     if HAS_COL:
         acc /= tl.load(c_ptr + rk * stride_c, mask=mask_k, other=1.0)[None, :]
     tl.store(o_ptr + rm[:, None] * stride_om + rk[None, :], acc.to(o_ptr.dtype.element_ty),
@@ -158,22 +168,23 @@ def _w8a8_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_ym,
     mask_m = rm < M
     mask_n = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # static_range unrolls the segments, so their bounds stay compile-time constants (no names: the
+    # compiler forbids reassigning a constexpr in an unrolled loop)
     for s in tl.static_range(NUM_SEG):
-        lo: tl.constexpr = SPLITS[s]
-        hi: tl.constexpr = SPLITS[s + 1]
         # sweep 1: absmax of each row over this segment
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(lo, hi, BLOCK_K):
+        for k0 in range(SPLITS[s], SPLITS[s + 1], BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < hi)[None, :], other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < SPLITS[s + 1])[None, :],
+                        other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         amax = tl.maximum(amax, 1e-12)
         inv = tl.math.div_rn(tl.full((BLOCK_M,), 127.0, tl.float32), amax)
         # sweep 2: quantize the tile in registers, int8 x int8 -> int32 on the tensor cores
         iacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in range(lo, hi, BLOCK_K):
+        for k0 in range(SPLITS[s], SPLITS[s + 1], BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = k < hi
+            mask_k = k < SPLITS[s + 1]
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             xq = _round_half_even(x.to(tl.float32) * inv[:, None], FAST_RINT)
             xq = tl.minimum(tl.maximum(xq, -127.0), 127.0).to(tl.int8)
@@ -193,6 +204,9 @@ INTERPRETED = not isinstance(_w8_linear_kernel, triton.runtime.JITFunction)
 # (BLOCK_M, BLOCK_N, num_warps): BLOCK_M 16 serves M <= 16 (rare elements), the smallest tile tl.dot takes
 _TILES = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3) for bm, bn, w in _TILES]
+# the input gradient's tile width follows the quantization group (`_group_tile`); only BLOCK_M is tuned
+_GRAD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=3)
+                 for bm, w in [(16, 4), (32, 4), (64, 4), (128, 4), (128, 8)]]
 # the one tile the interpreter runs (autotuning there would only cost time)
 _INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 64}
 
@@ -209,14 +223,14 @@ def _quick_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _tuned(kernel):
-    return triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
+def _tuned(kernel, configs: list[triton.Config]):
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
                            do_bench=_quick_bench)(kernel)
 
 
-_w8_linear_tuned = _tuned(_w8_linear_kernel)
-_w8_input_grad_tuned = _tuned(_w8_input_grad_kernel)
-_w8a8_tuned = _tuned(_w8a8_kernel)
+_w8_linear_tuned = _tuned(_w8_linear_kernel, _CONFIGS)
+_w8_input_grad_tuned = _tuned(_w8_input_grad_kernel, _GRAD_CONFIGS)
+_w8a8_tuned = _tuned(_w8a8_kernel, _CONFIGS)
 
 
 def m_bucket(rows: int) -> int:
@@ -224,14 +238,23 @@ def m_bucket(rows: int) -> int:
     return min(max(16, triton.next_power_of_2(rows)), M_BUCKET_CAP)
 
 
-def _launch(kernel, tuned, cols: int, rows: int, *args, **meta) -> None:
-    """Launch on a (column tiles, row tiles) grid: the interpreter's fixed tile, or the autotuned one on a GPU."""
+def _launch(kernel, tuned, col_tiles, rows: int, *args, **meta) -> None:
+    """Launch on a (col_tiles(meta), row tiles) grid: the interpreter's fixed tile, or the autotuned one on a GPU."""
     meta["M_BUCKET"] = m_bucket(rows)
     if INTERPRETED:
-        tile = _INTERPRETER_TILE
-        kernel[(triton.cdiv(cols, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))](*args, **meta, **tile)
+        meta = {**_INTERPRETER_TILE, **meta}
+        kernel[(col_tiles(meta), triton.cdiv(rows, meta["BLOCK_M"]))](*args, **meta)
     else:
-        tuned[lambda m: (triton.cdiv(cols, m["BLOCK_N"]), triton.cdiv(rows, m["BLOCK_M"]))](*args, **meta)
+        tuned[lambda m: (col_tiles(m), triton.cdiv(rows, m["BLOCK_M"]))](*args, **meta)
+
+
+def _column_tiles(cols: int):
+    return lambda meta: triton.cdiv(cols, meta["BLOCK_N"])
+
+
+def _group_tile(group_size: int) -> int:
+    """Input-gradient tile width: one group of up to 64 features (16 at least, tl.dot's minimum), else 128."""
+    return max(16, triton.next_power_of_2(group_size)) if group_size <= 64 else 128
 
 
 def _block_k(extent: int, dtype: torch.dtype) -> int:
@@ -330,7 +353,7 @@ def _out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> torch.dty
 
 def w8_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int,
               bias: Tensor | None = None, col_scale: Tensor | None = None, celu_alpha: float | None = None,
-              out_dtype: torch.dtype | None = None, precision: str = "tf32") -> Tensor:
+              out_dtype: torch.dtype | None = None, precision: str = "tf32", fold_scales: bool = True) -> Tensor:
     """``celu(x W^T + b)`` with ``W = ((q - zero) * scale) / col_scale`` dequantized inside the GEMM.
 
     x: (M, K) float16 / bfloat16 (W8A16, fp32 accumulation) or float32 (W8A32; ``precision``
@@ -338,6 +361,10 @@ def w8_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, gr
     float32 (1 or N, K // group_size). zero: int8 of the scale's layout, (1, 1), or None
     (symmetric). col_scale: float32 (K,) or None; it is folded into x, which is then rounded to
     x's dtype. bias: (N,) or None. celu_alpha: CELU's alpha (ANI: 0.1) or None for no activation.
+    fold_scales (group-wise layouts only): True multiplies each group's scale into the weight tile,
+    rounded to x's dtype, and keeps one accumulator chain; False keeps the codes minus zeros exact
+    in the dot and scales each group's partial product after it (slower; rounds only x). One
+    group (per-channel or per-tensor scales) is always exact: the scale goes in the epilogue.
     Returns (M, N) in ``out_dtype`` (default x's dtype). Units are the caller's.
     """
     n, k = _check_weight(qweight)
@@ -345,16 +372,18 @@ def w8_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, gr
     scale, zero_t, col_t, (s_sn, s_zn, s_zg, s_c) = _quant_layout(qweight, scale, zero, group_size, col_scale)
     alpha = _check_epilogue(bias, n, celu_alpha)
     _check_precision(precision)
+    _check(isinstance(fold_scales, bool), f"fold_scales must be True or False, got {fold_scales!r}")
     _check_device(x, qweight, scale, zero, col_scale, bias)
     y = torch.empty(x.shape[0], n, dtype=_out_dtype(out_dtype, x.dtype), device=x.device)
     if x.shape[0] == 0:
         return y
-    _launch(_w8_linear_kernel, _w8_linear_tuned, n, x.shape[0],
+    _launch(_w8_linear_kernel, _w8_linear_tuned, _column_tiles(n), x.shape[0],
             x, qweight, scale, zero_t, col_t, scale if bias is None else bias, y,
             x.shape[0], n, x.stride(0), s_sn, s_zn, s_zg, s_c, y.stride(0),
             K=k, GROUP=group_size, BLOCK_K=_block_k(group_size, x.dtype),
             HAS_ZERO=zero is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None,
-            CELU_ALPHA=alpha, PRECISION=_dot_precision(precision, x.dtype), UPCAST=INTERPRETED)
+            CELU_ALPHA=alpha, FOLD_SCALES=fold_scales, PRECISION=_dot_precision(precision, x.dtype),
+            UPCAST=INTERPRETED)
     return y
 
 
@@ -366,8 +395,9 @@ def w8_linear_input_grad(grad_y: Tensor, qweight: Tensor, scale: Tensor, zero: T
 
     grad_y: (M, N) dE/dy. With ``celu_output`` (the layer's output y, (M, N)) and ``celu_alpha``
     the CELU derivative is applied in the prologue (celu' = 1 where y > 0, else y/alpha + 1);
-    without them the result is ``grad_y @ W``. The scaled weight is rounded to grad_y's dtype
-    in the kernel. Returns (M, K) in ``out_dtype`` (default grad_y's dtype).
+    without them the result is ``grad_y @ W``. Each output tile lies in one quantization group:
+    ``grad_y * celu' * scale`` is rounded to grad_y's dtype and meets the exact codes minus zeros
+    in the dot. Returns (M, K) in ``out_dtype`` (default grad_y's dtype).
     """
     n, k = _check_weight(qweight)
     grad_y = _check_float_input("grad_y", grad_y, n)
@@ -384,10 +414,12 @@ def w8_linear_input_grad(grad_y: Tensor, qweight: Tensor, scale: Tensor, zero: T
     if grad_y.shape[0] == 0:
         return out
     act = grad_y if celu_output is None else celu_output
-    _launch(_w8_input_grad_kernel, _w8_input_grad_tuned, k, grad_y.shape[0],
+    tile_n = _group_tile(group_size)
+    tiles = (k // group_size) * triton.cdiv(group_size, tile_n)
+    _launch(_w8_input_grad_kernel, _w8_input_grad_tuned, lambda meta: tiles, grad_y.shape[0],
             grad_y, act, qweight, scale, zero_t, col_t, out,
             grad_y.shape[0], grad_y.stride(0), act.stride(0), s_sn, s_zn, s_zg, s_c, out.stride(0),
-            N=n, K=k, GROUP=group_size, BLOCK_R=_block_k(n, grad_y.dtype),
+            N=n, K=k, GROUP=group_size, BLOCK_R=_block_k(n, grad_y.dtype), BLOCK_N=tile_n,
             HAS_ZERO=zero is not None, HAS_COL=col_scale is not None, CELU_ALPHA=alpha,
             PRECISION=_dot_precision(precision, grad_y.dtype), UPCAST=INTERPRETED)
     return out
@@ -417,7 +449,7 @@ def w8a8_linear(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None 
     if x.shape[0] == 0:
         return y
     wscale = wscale.reshape(n).contiguous()
-    _launch(_w8a8_kernel, _w8a8_tuned, n, x.shape[0],
+    _launch(_w8a8_kernel, _w8a8_tuned, _column_tiles(n), x.shape[0],
             x, qweight, wscale, wscale if bias is None else bias, y,
             x.shape[0], n, x.stride(0), y.stride(0),
             K=k, SPLITS=splits, NUM_SEG=len(splits) - 1, BLOCK_K=64, HAS_BIAS=bias is not None, CELU_ALPHA=alpha,
