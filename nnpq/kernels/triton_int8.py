@@ -9,8 +9,7 @@ input-equalization factors ``col_scale`` (K,): ``W = ((q - zero) * scale) / col_
   straddling a quantization group. Codes minus zero points are small integers, exact in
   fp16/bf16/tf32: with one group (per-channel scales) the dot runs on them and the scale goes in
   the epilogue; with groups, each group's scale is folded into the weight tile (default) or
-  applied to the group's partial product (``fold_scales=False``, exact weights, slower). Folded
-  groups of up to 32 inputs (ANI's 28 and 32) go two per K block for deeper dots.
+  applied to the group's partial product (``fold_scales=False``, exact weights, slower).
 - `w8_linear_input_grad`: ``(grad_y * celu'(z)) @ W``, the input gradient of the same layer,
   with output tiles inside one group so the group's scale folds into grad_y's columns.
 - `w8a8_linear`: int8 x int8 -> int32 GEMM. The per-row (per-atom) activation absmax is
@@ -75,20 +74,9 @@ def _bias_celu(acc, b_ptr, rn, mask_n, HAS_BIAS: tl.constexpr, CELU_ALPHA: tl.co
 
 
 @triton.jit
-def _per_group(ptr, rn, stride_n, g, stride_g, mask_n, slot, NUM_GROUPS: tl.constexpr, PAIRED: tl.constexpr):
-    """The (BLOCK_K, BLOCK_N) broadcast of group ``g``'s per-channel vector, or of groups g and g + 1 when PAIRED."""
-    v = tl.load(ptr + rn * stride_n + g * stride_g, mask=mask_n, other=0).to(tl.float32)[None, :]
-    if PAIRED:
-        # vector loads and a select: a gather per element would cost a load per weight
-        v1 = tl.load(ptr + rn * stride_n + (g + 1) * stride_g, mask=mask_n & (g + 1 < NUM_GROUPS), other=0)
-        v = tl.where(slot[:, None] == 0, v, v1.to(tl.float32)[None, :])
-    return v
-
-
-@triton.jit
 def _w8_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, b_ptr, y_ptr,
                       M, N, stride_xm, stride_sn, stride_zn, stride_zg, stride_c, stride_ym, M_BUCKET,
-                      K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr,
+                      K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                       HAS_ZERO: tl.constexpr, HAS_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       CELU_ALPHA: tl.constexpr, FOLD_SCALES: tl.constexpr, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -97,21 +85,16 @@ def _w8_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, b_ptr, y_ptr,
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < M
     mask_n = rn < N
+    rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # flat loop over K blocks (pipelined by Triton). A block never straddles a quantization group,
-    # except PAIRED blocks: two groups, each padded to half the block (slot 0 and 1)
-    SLOT: tl.constexpr = BLOCK_K // 2 if PAIRED else BLOCK_K
-    GROUPS_PER_BLOCK: tl.constexpr = 2 if PAIRED else 1
-    BLOCKS_PER_GROUP: tl.constexpr = (GROUP + SLOT - 1) // SLOT
+    # flat loop over K blocks that never straddle a quantization group (pipelined by Triton)
+    BLOCKS_PER_GROUP: tl.constexpr = (GROUP + BLOCK_K - 1) // BLOCK_K
     NUM_GROUPS: tl.constexpr = K // GROUP
-    NUM_BLOCKS: tl.constexpr = (NUM_GROUPS + GROUPS_PER_BLOCK - 1) // GROUPS_PER_BLOCK * BLOCKS_PER_GROUP
-    slot = tl.arange(0, BLOCK_K) // SLOT
-    lane = tl.arange(0, BLOCK_K) % SLOT
-    for b in range(NUM_BLOCKS):
-        g = (b // BLOCKS_PER_GROUP) * GROUPS_PER_BLOCK  # first group of the block
-        within = (b % BLOCKS_PER_GROUP) * SLOT + lane
-        mask_k = (within < GROUP) & (g + slot < NUM_GROUPS)
-        k = (g + slot) * GROUP + within
+    for b in range(NUM_GROUPS * BLOCKS_PER_GROUP):
+        g = b // BLOCKS_PER_GROUP
+        within = (b % BLOCKS_PER_GROUP) * BLOCK_K + rk
+        mask_k = within < GROUP
+        k = g * GROUP + within
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_COL:
             c = tl.load(c_ptr + k * stride_c, mask=mask_k, other=1.0)
@@ -119,17 +102,18 @@ def _w8_linear_kernel(x_ptr, w_ptr, s_ptr, z_ptr, c_ptr, b_ptr, y_ptr,
         # int8 -> fp32 -> dot dtype: integers up to 255 in magnitude are exact in every dot dtype
         w = tl.load(w_ptr + rn[None, :] * K + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0).to(tl.float32)
         if HAS_ZERO:
-            w -= _per_group(z_ptr, rn, stride_zn, g, stride_zg, mask_n, slot, NUM_GROUPS, PAIRED)
+            w -= tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)[None, :]
         if NUM_GROUPS == 1:
             acc = _dot(x, w.to(x_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
-        elif FOLD_SCALES:
-            # the dequantized weight, rounded to the dot dtype, keeps one accumulator chain
-            w *= _per_group(s_ptr, rn, stride_sn, g, 1, mask_n, slot, NUM_GROUPS, PAIRED)
-            acc = _dot(x, w.to(x_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
         else:
-            part = _dot(x, w.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                        PRECISION, UPCAST)
-            acc += part * tl.load(s_ptr + rn * stride_sn + g, mask=mask_n, other=0.0)[None, :]
+            s = tl.load(s_ptr + rn * stride_sn + g, mask=mask_n, other=0.0)
+            if FOLD_SCALES:
+                # the dequantized weight, rounded to the dot dtype, keeps one accumulator chain
+                acc = _dot(x, (w * s[None, :]).to(x_ptr.dtype.element_ty), acc, PRECISION, UPCAST)
+            else:
+                part = _dot(x, w.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                            PRECISION, UPCAST)
+                acc += part * s[None, :]
     if NUM_GROUPS == 1:
         acc *= tl.load(s_ptr + rn * stride_sn, mask=mask_n, other=0.0)[None, :]
     acc = _bias_celu(acc, b_ptr, rn, mask_n, HAS_BIAS, CELU_ALPHA)
@@ -393,13 +377,10 @@ def w8_linear(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, gr
     y = torch.empty(x.shape[0], n, dtype=_out_dtype(out_dtype, x.dtype), device=x.device)
     if x.shape[0] == 0:
         return y
-    # small folded groups of 16-bit tiles go two per K block: half the iterations, twice the dot depth
-    slot = max(8, triton.next_power_of_2(group_size))
-    paired = fold_scales and k > group_size and x.dtype != torch.float32 and 2 * slot <= 64
     _launch(_w8_linear_kernel, _w8_linear_tuned, _column_tiles(n), x.shape[0],
             x, qweight, scale, zero_t, col_t, scale if bias is None else bias, y,
             x.shape[0], n, x.stride(0), s_sn, s_zn, s_zg, s_c, y.stride(0),
-            K=k, GROUP=group_size, BLOCK_K=2 * slot if paired else _block_k(group_size, x.dtype), PAIRED=paired,
+            K=k, GROUP=group_size, BLOCK_K=_block_k(group_size, x.dtype),
             HAS_ZERO=zero is not None, HAS_COL=col_scale is not None, HAS_BIAS=bias is not None,
             CELU_ALPHA=alpha, FOLD_SCALES=fold_scales, PRECISION=_dot_precision(precision, x.dtype),
             UPCAST=INTERPRETED)
