@@ -103,6 +103,7 @@ LINEAR_CASES = [
     (64, 224, 32, 224, torch.float16, "tf32", "channel-zero11", True, False, False, True),
     (17, 224, 96, 32, torch.bfloat16, "tf32", "group-asym", True, True, True, True),
     (5, 112, 32, 16, torch.bfloat16, "tf32", "tensor-group", False, True, False, False),
+    (17, 112, 96, 16, torch.float16, "tf32", "tensor-group", True, True, True, True),
     (17, 224, 96, 32, torch.float32, "ieee", "group-asym", True, True, True, True),
     (64, 112, 96, 112, torch.float32, "tf32", "channel-sym", False, True, True, True),
     (1, 112, 32, 16, torch.float32, "tf32x3", "tensor-group", True, False, True, False),
