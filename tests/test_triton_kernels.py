@@ -39,7 +39,6 @@ if not T.INTERPRETED and not torch.cuda.is_available():
 DEVICE = "cpu" if T.INTERPRETED else "cuda"
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_mode():
     """Triton reads TRITON_INTERPRET again when it launches (lazy imports), so keep it set while these tests run."""

@@ -37,7 +37,7 @@ from torch import Tensor
 from nnpq.errors import NnpqError
 from nnpq.kernels.reference import segment_bounds
 
-_FLOAT_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 # autotuning is redone per power-of-two bucket of M (atoms of one element), up to this size
 M_BUCKET_CAP = 8192
