@@ -78,7 +78,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPlan,
-                  source: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
+                  source: dict[str, Any], metrics: dict[str, Any] | None = None,
+                  domain: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s state and its manifest to ``path`` atomically.
 
     Args:
@@ -86,6 +87,7 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         plan: the plan it was built with.
         source: ``{"model": name, "sha256": ..., ...}`` describing the FP32 source.
         metrics: optional evaluation results to keep beside the plan.
+        domain: optional calibrated applicability domain (`nnpq.models.domain.Domain.to_manifest`).
     """
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     n_hidden = n_layers(model) - 1
@@ -104,6 +106,8 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         "packed_shapes": shapes,
         "metrics": metrics or {},
     }
+    if domain is not None:
+        manifest["domain"] = domain
     data = st_save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
     return write_bytes_atomic(path, data)
 

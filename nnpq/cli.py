@@ -47,7 +47,7 @@ def _calibration_settings(args: argparse.Namespace):
     for name in systems:
         get_system(name)  # one-line error for unknown names, before any work starts
     return CalibrationSettings(systems=systems, seed=args.seed, files=tuple(args.calibration or ()),
-                               topology=args.calibration_topology)
+                               topology=args.calibration_topology, library=not args.no_library)
 
 
 def _rounding(args: argparse.Namespace):
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--calibration-systems", metavar="NAMES",
                        help="comma-separated built-in systems to sample (default: ethanol, aspirin, "
                        "alanine-dipeptide, sfcl-sulfonamide, water-box)")
+        p.add_argument("--no-library", action="store_true",
+                       help="calibrate on the built-in systems and your files only, without the ~200-molecule "
+                       "calibration library (and so without a held-out chemistry split)")
         p.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
                        help="error-compensating GPTQ (default) or round-to-nearest")
         p.add_argument("--force-weight", type=float, default=0.5,

@@ -24,6 +24,7 @@ from nnpq.artifact import save_artifact
 from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, load_fp32, model_spec
+from nnpq.models.domain import Domain, aev_feature_names, aev_maxima
 from nnpq.models.fp32 import file_sha256, n_layers, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
@@ -38,6 +39,7 @@ from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 BASELINES: tuple[tuple[str, TensorFormat, ActivationFormat, str], ...] = (
     ("int8/tensor RTN", TensorFormat("int", 8, "tensor"), NO_ACTIVATION, "nearest"),
     ("int8/channel RTN", INT8_CHANNEL, NO_ACTIVATION, "nearest"),
+    ("int8/g32/asym RTN", INT8_G32_ASYM, NO_ACTIVATION, "nearest"),
     ("fp16", TensorFormat("fp16"), NO_ACTIVATION, "nearest"),
     ("W8A8 dynamic/row", INT8_G32_ASYM, ActivationFormat("dynamic"), "gptq"),
     ("W8A8 static/mse", INT8_G32_ASYM, ActivationFormat("static", "mse"), "gptq"),
@@ -99,6 +101,8 @@ class QuantizeResult:
     frontier_text: str = ""
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    coverage: dict[str, dict[str, Any]] = field(default_factory=dict)  # element -> excited share, unseen blocks
+    heldout_groups: list[str] = field(default_factory=list)
 
 
 def network_bytes(model: torch.nn.Module) -> int:
@@ -150,10 +154,14 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
     return _fp32_bytes_plus(fp32, change)
 
 
-def _heldout_row(model, plan: QuantPlan, fp32, calib: CalibrationSet, reference: Outputs, label: str,
+def _heldout_row(model, plan: QuantPlan, fp32, calib: CalibrationSet, reference: dict[str, Outputs], label: str,
                  model_name: str) -> dict:
-    """Held-out errors of a quantized ``model`` against the FP32 ``reference``, with the plan's size."""
-    errors = set_errors(reference, outputs_on(ANIPotential(model, label, model_name), calib.holdout), calib.holdout)
+    """Held-out errors of a quantized ``model`` against the FP32 ``reference`` outputs, in distribution
+    (held-out frames of calibrated systems) and on held-out chemistry (``chemistry``), with the plan's size."""
+    potential = ANIPotential(model, label, model_name)
+    errors = set_errors(reference["holdout"], outputs_on(potential, calib.holdout), calib.holdout)
+    if calib.chemistry:
+        errors["chemistry"] = set_errors(reference["chemistry"], outputs_on(potential, calib.chemistry), calib.chemistry)
     return {**errors, "bytes": stored_bytes(plan, fp32), "description": plan.description}
 
 
@@ -165,7 +173,8 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     from nnpq.quant.sensitivity import PlanEvaluator, measure_sensitivity
     from nnpq.validation.report import to_jsonable
 
-    evaluator = PlanEvaluator(fp32, calib.calibration, name)
+    # budgets hold on held-out chemistry too: measured there, never rounded on
+    evaluator = PlanEvaluator(fp32, calib.calibration + calib.chemistry, name)
     table = measure_sensitivity(fp32, name, calib.calibration, options.candidates, options.rounding, evaluator,
                                 seed=options.calibration.seed, progress=progress, equalize=EQUALIZED_LAYERS)
     targets = {"force": options.max_force_rmse, "energy": options.max_energy_rmse}  # RMSE on every source
@@ -258,7 +267,8 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
     seed = options.calibration.seed
     quantized = quantize_model(fp32, plan, options.rounding, calib.calibration, seed)
 
-    reference = outputs_on(reference_potential, calib.holdout)
+    reference = {"holdout": outputs_on(reference_potential, calib.holdout),
+                 "chemistry": outputs_on(reference_potential, calib.chemistry)}
     heldout = {}
     refit_loss: list[float] = []
     if options.refit.steps > 0:
@@ -272,15 +282,18 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
             baseline = uniform_plan(fmt, activation=activation, rounding=method)
             model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
             heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
+    domain = Domain(aev_maxima(reference_potential, calib.calibration), aev_feature_names(fp32.symbols))
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
+               "heldout_groups": calib.heldout_groups, "coverage": domain.coverage(),
                "rounding": options.rounding.__dict__,
                "refit": {**dataclasses.asdict(options.refit), "loss_first": refit_loss[:1], "loss_last": refit_loss[-1:]}}
-    save_artifact(output, quantized, plan, source_info(spec.name), metrics)
+    save_artifact(output, quantized, plan, source_info(spec.name), metrics, domain.to_manifest())
     return QuantizeResult(
         output=output, model=spec.name, plan=plan, fp32_file_bytes=weights_path(spec.name).stat().st_size,
         artifact_bytes=output.stat().st_size, fp32_network_bytes=network_bytes(fp32),
         quantized_network_bytes=network_bytes(quantized), calibration=calib.summary(), heldout=heldout,
-        budget=budget, frontier_text=frontier_text, files=files, seconds=time.perf_counter() - start)
+        budget=budget, frontier_text=frontier_text, files=files, seconds=time.perf_counter() - start,
+        coverage=metrics["coverage"], heldout_groups=calib.heldout_groups)
 
 
 def format_result(result: QuantizeResult) -> str:
@@ -295,21 +308,42 @@ def format_result(result: QuantizeResult) -> str:
         f"{'network tensors in memory (MB)':<32}{result.fp32_network_bytes / mb:>10.2f}"
         f"{result.quantized_network_bytes / mb:>12.2f}{result.fp32_network_bytes / result.quantized_network_bytes:>8.2f}",
         "",
-        "errors vs FP32 on held-out configurations (MD at 300 K and 600 K, displaced, compressed):",
-        f"{'plan':<20}{'size MB':>8}{'F RMSE':>9}{'water-box':>11}{'sfcl-sulf.':>11}{'|dE|/atom':>11}{'max|dE|/at':>11}",
-        f"{'':<20}{'':>8}{'kcal/mol/Å':>9}{'':>11}{'':>11}{'kcal/mol':>11}{'kcal/mol':>11}",
+        "errors vs FP32: held-out frames of calibrated systems (MD at 300 K and 600 K, displaced, compressed), and",
+        "held-out chemistry: molecules with functional groups calibration never saw ("
+        + (", ".join(result.heldout_groups) or "none") + ")",
+        f"{'':<20}{'':>8}{'--------- in distribution ---------':>41}{'--------- held-out chemistry ---------':>41}",
+        f"{'plan':<20}{'size MB':>8}{'F RMSE':>9}{'water-box':>11}{'sfcl-sulf.':>11}{'|dE|/atom':>10}"
+        f"{'F RMSE':>9}{'worst mol.':>11}{'|dE|/atom':>10}{'max|dE|/at':>11}",
+        f"{'':<20}{'':>8}{'kcal/mol/Å':>9}{'':>11}{'':>11}{'kcal/mol':>10}{'kcal/mol/Å':>9}{'':>11}{'kcal/mol':>10}{'kcal/mol':>11}",
     ]
     for name, e in result.heldout.items():
         per = e["per_source"]
         water, sfcl = (f"{per[k]['force_rmse']:>11.4f}" if k in per else f"{'n/a':>11}"
                        for k in ("water-box", "sfcl-sulfonamide"))
+        chem = e.get("chemistry")
+        chem_text = (f"{chem['force_rmse']:>9.4f}{max(v['force_rmse'] for v in chem['per_molecule'].values()):>11.4f}"
+                     f"{chem['energy_mae_per_atom']:>10.5f}{chem['energy_max_per_atom']:>11.5f}") if chem else f"{'n/a':>9}"
         lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>9.4f}{water}{sfcl}"
-                     f"{e['energy_mae_per_atom']:>11.5f}{e['energy_max_per_atom']:>11.5f}")
+                     f"{e['energy_mae_per_atom']:>10.5f}{chem_text}")
     ours = result.heldout["this plan"]
-    lines.append(f"(RMS FP32 force on these configurations: {ours['force_rms_ref']:.1f} kcal/mol/Å)")
+    lines.append(f"(RMS FP32 force on these configurations: {ours['force_rms_ref']:.1f} kcal/mol/Å in distribution"
+                 + (f", {ours['chemistry']['force_rms_ref']:.1f} on held-out chemistry)" if "chemistry" in ours else ")"))
     lines.append("this plan by kind of held-out configuration: " + "; ".join(
         f"{kind} {v['force_rmse']:.4f} kcal/mol/Å, {v['energy_mae_per_atom']:.5f} kcal/mol/atom (n={v['n_configurations']})"
         for kind, v in sorted(ours["per_kind"].items())))
+    rtn = result.heldout.get("int8/g32/asym RTN", {}).get("chemistry")
+    if "chemistry" in ours and rtn:
+        worse = sorted(m for m, v in ours["chemistry"]["per_molecule"].items()
+                       if v["force_rmse"] > rtn["per_molecule"][m]["force_rmse"])
+        lines.append("held-out chemistry molecules where this plan errs more than int8/g32/asym RTN: "
+                     + (", ".join(m.split(":", 1)[-1] for m in worse) if worse else "none"))
+    if result.coverage:
+        lines.append("calibration coverage of the first layer's inputs (AEV features excited, per element network): "
+                     + ", ".join(f"{e} {100 * c['excited_fraction']:.1f}%" for e, c in result.coverage.items()))
+        for element, c in result.coverage.items():
+            if c["never_excited_blocks"]:
+                lines.append(f"  {element} never sees: " + ", ".join(
+                    f"{block} ({n})" for block, n in sorted(c["never_excited_blocks"].items())))
     if result.frontier_text:
         lines += ["", "size/force-error frontier on the calibration set (mixed plans vs uniform plans):",
                   result.frontier_text]

@@ -30,6 +30,11 @@ class Configuration:
         return self.source.split("/")[0].split(":")[0]
 
     @property
+    def molecule(self) -> str:
+        """The molecule a configuration is of: ``source`` up to its first ``/`` (``library:ethanol``)."""
+        return self.source.split("/")[0]
+
+    @property
     def kind(self) -> str:
         """How a calibration configuration was made (``md300K``, ``displaced``, ...); ``file`` otherwise."""
         parts = self.source.split("/")

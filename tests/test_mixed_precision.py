@@ -156,7 +156,7 @@ def small_calibration(fp32_ani2x):
 
     settings = CalibrationSettings(systems=("ethanol", "sfcl-sulfonamide", "alanine-dipeptide"),
                                    temperatures=(300.0, 600.0), frames_per_temperature=2, stride=10,
-                                   displaced=1, compression=(0.92,), seed=3)
+                                   displaced=1, compression=(0.92,), seed=3, library=False)
     return settings, build_calibration_set(fp32_ani2x, settings)
 
 
@@ -321,7 +321,7 @@ def test_calibration_file_with_foreign_element(tmp_path, fp32_ani2x):
 
     path = tmp_path / "salt.xyz"
     ase.io.write(path, ase.Atoms("NaCl", positions=[[0, 0, 0], [2.4, 0, 0]]))
-    settings = CalibrationSettings(systems=(), files=(str(path),))
+    settings = CalibrationSettings(systems=(), files=(str(path),), library=False)
     with pytest.raises(NnpqError, match=r"salt.xyz:0: element\(s\) Na not supported") as info:
         build_calibration_set(fp32_ani2x, settings)
     assert "\n" not in str(info.value)

@@ -220,7 +220,7 @@ def test_no_inputs_is_an_error():
 def test_dcd_calibration_files_need_and_use_a_topology(files, fp32_ani2x):
     from nnpq.quant.calibration import CalibrationSettings, build_calibration_set
 
-    settings = CalibrationSettings(systems=(), files=(str(files["dcd"]),), topology=str(files["top"]))
+    settings = CalibrationSettings(systems=(), files=(str(files["dcd"]),), topology=str(files["top"]), library=False)
     calib = build_calibration_set(fp32_ani2x, settings)
     configs = calib.calibration + calib.holdout
     assert len(configs) == N_ASPIRIN and calib.holdout and calib.calibration

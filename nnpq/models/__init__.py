@@ -26,7 +26,12 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> 
         detail = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2] or ["state dict mismatch"]
         raise NnpqError(f"{Path(path).name} does not fit the {artifact.model_name} architecture "
                         f"({detail[0][:200]}); re-create it with 'nnpq quantize'") from None
-    return ANIPotential(model, Path(path).name, artifact.model_name)
+    potential = ANIPotential(model, Path(path).name, artifact.model_name)
+    if "domain" in artifact.manifest:
+        from nnpq.models.domain import Domain
+
+        potential.domain = Domain.from_manifest(artifact.manifest["domain"], potential.symbols())
+    return potential
 
 
 def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str = "all_pairs") -> ANIPotential:

@@ -65,6 +65,19 @@ class ANIPotential(torch.nn.Module):
         return atomic.to(torch.float64).sum() + shift
 
     @torch.jit.unused
+    def batch_energies(self, numbers: Tensor, positions: Tensor) -> Tensor:
+        """Energies (Hartree, float64, ``(B,)``) of a padded batch of non-periodic molecules.
+
+        Args:
+            numbers: ``(B, N)`` atomic numbers, -1 where a molecule has fewer than N atoms.
+            positions: ``(B, N, 3)`` Angstrom.
+        """
+        atomic = self.ani((numbers, positions.to(torch.float32)), atomic=True).energies
+        real = numbers >= 0
+        shift = torch.where(real, self.self_energies[self.z_to_index[numbers.clamp(min=0)]], 0.0).sum(-1)
+        return torch.where(real, atomic.to(torch.float64), 0.0).sum(-1) + shift
+
+    @torch.jit.unused
     def symbols(self) -> tuple[str, ...]:
         return self.ani.symbols
 

@@ -49,7 +49,7 @@ class RoundingSettings:
     force_weight: float = 0.5
     bias_correction: bool = False
     tangents: int = 1
-    damp: float = 1e-4
+    damp: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.method not in ROUNDINGS:

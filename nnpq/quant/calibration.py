@@ -35,9 +35,15 @@ class CalibrationSettings:
         compression: scale factors (< 1 compresses) applied about the centroid (molecules) or
             to positions and cell (periodic systems).
         holdout_fraction: share of each system's frames kept out for evaluation.
-        seed: seeds MD, displacements and the split.
+        seed: seeds MD, displacements, the split and the held-out functional groups.
         files: user structure files added to the pool.
         topology: PDB topology for DCD ``files``.
+        library: add the built-in calibration library (`nnpq.systems.library`): ~200 molecules
+            and an organic liquid, subsampled to ``library_kinds`` frames plus
+            ``library_displaced`` displaced copies per molecule to keep the run short;
+            ``library_limit`` keeps a seeded subset of that many molecules of each split (tests).
+        chemistry_holdout: hold out every library molecule carrying one of a seeded choice of
+            functional groups (`chemistry_split`): never calibrated on, evaluated and budgeted on.
     """
 
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
@@ -51,17 +57,26 @@ class CalibrationSettings:
     seed: int = 0
     files: tuple[str, ...] = field(default_factory=tuple)
     topology: str | None = None
+    library: bool = True
+    library_kinds: tuple[str, ...] = ("md300K/0", "md600K/0")
+    library_displaced: int = 1
+    library_limit: int | None = None
+    chemistry_holdout: bool = True
 
 
 @dataclass
 class CalibrationSet:
-    """Configurations to calibrate on and held-out ones to report errors on."""
+    """Configurations to calibrate on, held-out frames of the same systems (in distribution), and
+    held-out chemistry: molecules whose functional groups calibration never saw."""
 
     calibration: list[Configuration]
     holdout: list[Configuration]
+    chemistry: list[Configuration] = field(default_factory=list)
+    heldout_groups: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"{len(self.calibration)} calibration / {len(self.holdout)} held-out configurations"
+        return (f"{len(self.calibration)} calibration / {len(self.holdout)} held-out / "
+                f"{len(self.chemistry)} held-out-chemistry configurations")
 
 
 def _md_frames(potential: ANIPotential, name: str, temperature: float, settings: CalibrationSettings,
@@ -133,10 +148,39 @@ def split(configs: list[Configuration], fraction: float, rng: np.random.Generato
     return CalibrationSet(calibration, holdout)
 
 
+def _library_configs(entries, group: str, kinds: tuple[str, ...], settings: CalibrationSettings,
+                     rng: np.random.Generator) -> list[Configuration]:
+    """Frames of library entries (``kinds`` of each molecule, every frame of a liquid) plus displaced
+    copies of each molecule's start; sources ``group:name/kind``."""
+    out = []
+    for entry in entries:
+        prefix = f"{group}:{entry.name}"
+        if entry.cell is not None:  # condensed phase: every frame, and a compressed copy of the last
+            out += [Configuration(entry.numbers, f, entry.cell, f"{prefix}/{k}") for k, f in zip(entry.kinds, entry.frames)]
+            for factor in settings.compression:
+                out.append(Configuration(entry.numbers, entry.frames[-1] * factor, entry.cell * factor,
+                                         f"{prefix}/compressed{factor:g}"))
+            continue
+        frames = dict(zip(entry.kinds, entry.frames))
+        out += [Configuration(entry.numbers, frames[k], None, f"{prefix}/{k}") for k in kinds]
+        for i in range(settings.library_displaced):
+            pos = frames["start"] + rng.normal(scale=settings.sigma, size=frames["start"].shape)
+            out.append(Configuration(entry.numbers, pos, None, f"{prefix}/displaced/{i}"))
+    return out
+
+
+def _subset(entries: list, limit: int, rng: np.random.Generator) -> list:
+    """A seeded choice of ``limit`` entries, in library order."""
+    keep = set(rng.permutation(len(entries))[:limit].tolist())
+    return [e for i, e in enumerate(entries) if i in keep]
+
+
 def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings = CalibrationSettings(),
                           progress: bool = False) -> CalibrationSet:
     """Sample configurations with the FP32 ``potential`` and split them; reproducible from ``settings.seed``."""
     from tqdm import tqdm
+
+    from nnpq.systems.library import chemistry_split, library
 
     user: list[Configuration] = []
     for path in settings.files:  # read and check user files first: a bad file should not wait for MD
@@ -151,4 +195,17 @@ def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings
         configs += _md_frames(potential, name, temperature, settings, settings.seed * 1000 + k + 1)
     for name in names:
         configs += _perturbed(name, settings, rng)
-    return split(configs + user, settings.holdout_fraction, rng)
+    chemistry, groups = [], []
+    if settings.library:
+        entries = tuple(e for e in library() if set(e.numbers.tolist()) <= supported)
+        if settings.chemistry_holdout:
+            kept, held, groups = chemistry_split(entries, settings.seed)
+        else:
+            kept, held = list(entries), []
+        if settings.library_limit is not None:
+            kept, held = (_subset(part, settings.library_limit, rng) for part in (kept, held))
+        configs += _library_configs(kept, "library", settings.library_kinds, settings, rng)
+        chemistry = _library_configs(held, "heldout-chemistry", settings.library_kinds, settings, rng)
+    result = split(configs + user, settings.holdout_fraction, rng)
+    result.chemistry, result.heldout_groups = chemistry, groups
+    return result

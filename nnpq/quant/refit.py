@@ -15,6 +15,7 @@ import torch
 from torchani.arch import ANI
 
 from nnpq.models import ANIPotential
+from nnpq.models.batching import batches, padded
 from nnpq.models.layers import HalfLinear, QuantizedLinear
 from nnpq.structures import Configuration
 from nnpq.units import HARTREE_TO_KCAL_MOL
@@ -30,11 +31,14 @@ class RefitSettings:
         lr: Adam step; parameters are in Hartree units, where 1e-6 is 6e-4 kcal/mol.
         energy_weight: weight of the squared per-atom energy error (kcal/mol)^2 against the
             mean squared force error (kcal/mol/Å)^2; 100 weighs 0.005 kcal/mol/atom like 0.05 kcal/mol/Å.
+        anchor: weight of the mean squared change of the refit parameters (in kcal/mol-scaled
+            Hartree units) against the mean squared force error: the refit stays near its start.
     """
 
     steps: int = 30
     lr: float = 1e-6
     energy_weight: float = 100.0
+    anchor: float = 1.0
 
 
 def fp32_parameters(model: ANI) -> list[torch.Tensor]:
@@ -57,10 +61,19 @@ def refit(model: ANI, model_name: str, calibration: list[Configuration], referen
     if settings.steps <= 0 or not calibration:
         return []
     potential = ANIPotential(model, "refit", model_name)
-    data = [(torch.tensor(c.numbers), torch.tensor(c.positions, dtype=torch.float64),
-             None if c.cell is None else torch.tensor(c.cell, dtype=torch.float64), energy,
-             torch.tensor(forces), c.n_atoms) for c, (energy, forces) in zip(calibration, reference)]
+    data = []
+    for indices in batches(calibration):
+        numbers, positions = padded(calibration, indices)
+        first = calibration[indices[0]]
+        cell = None if first.cell is None else torch.tensor(first.cell, dtype=torch.float32)
+        forces_ref = torch.zeros(positions.shape, dtype=torch.float64)
+        for row, i in enumerate(indices):
+            forces_ref[row, :calibration[i].n_atoms] = torch.as_tensor(reference[i][1])
+        energy_ref = torch.tensor([reference[i][0] for i in indices], dtype=torch.float64)
+        n_atoms = torch.tensor([calibration[i].n_atoms for i in indices], dtype=torch.float64)
+        data.append((numbers, positions, cell, energy_ref, forces_ref, n_atoms))
     params = fp32_parameters(model)
+    start = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=settings.lr)
@@ -71,13 +84,22 @@ def refit(model: ANI, model_name: str, calibration: list[Configuration], referen
             total = 0.0
             for numbers, positions, cell, energy_ref, forces_ref, n_atoms in data:
                 positions = positions.clone().requires_grad_(True)
-                energy = potential(numbers, positions, cell)
-                (gradient,) = torch.autograd.grad(energy, positions, create_graph=True)
-                loss = (torch.mean(((-gradient - forces_ref) * HARTREE_TO_KCAL_MOL) ** 2)
-                        + settings.energy_weight * ((energy - energy_ref) * HARTREE_TO_KCAL_MOL / n_atoms) ** 2)
-                (loss / len(data)).backward()
+                if cell is None:
+                    energy = potential.batch_energies(numbers, positions)
+                else:
+                    energy = potential(numbers[0], positions[0], cell).unsqueeze(0)
+                (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=True)
+                force_mse = (((-gradient - forces_ref) * HARTREE_TO_KCAL_MOL) ** 2).sum((1, 2)) / (3 * n_atoms)
+                energy_mse = ((energy - energy_ref) * HARTREE_TO_KCAL_MOL / n_atoms) ** 2
+                loss = (force_mse + settings.energy_weight * energy_mse).sum()
+                (loss / len(calibration)).backward()
                 total += float(loss.detach())
-            history.append(total / len(data))
+            # a pull towards the starting values keeps the refit from bending the model where
+            # calibration has no data: unseen chemistry keeps what rounding gave it
+            n_values = sum(p.numel() for p in params)
+            anchor = sum(torch.sum((p - p0) ** 2) for p, p0 in zip(params, start)) / n_values * HARTREE_TO_KCAL_MOL**2
+            (settings.anchor * anchor).backward()
+            history.append(total / len(calibration))
             optimizer.step()
     finally:
         for p in params:

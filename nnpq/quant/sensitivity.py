@@ -82,12 +82,14 @@ class PlanEvaluator:
         try:
             for key, w in weights.items():
                 self.layers[key].weight.copy_(w)
-            for config, ref, present in zip(self.configs, self.reference, self.elements):
-                if elements is not None and not (present & elements):
+            changed = [i for i, present in enumerate(self.elements) if elements is None or present & elements]
+            tests = dict(zip(changed, outputs_on(self.potential, [self.configs[i] for i in changed])))
+            for i, (config, ref) in enumerate(zip(self.configs, self.reference)):
+                if i not in tests:
                     force[config.group].append(0.0)
                     energy[config.group].append(0.0)
                     continue
-                test = outputs_on(self.potential, [config])[0]
+                test = tests[i]
                 force[config.group].append(float(np.mean(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2)))
                 energy[config.group].append(((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms) ** 2)
         finally:

@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torchani.arch import ANI
 
+from nnpq.models.batching import batches, padded
 from nnpq.structures import Configuration
 
 UnitKey = tuple[int, str]  # (member, element)
@@ -103,9 +104,9 @@ def collect_layer_stats(model: ANI, layer: int, configs: list[Configuration], ta
         for element in member.atomics:
             handles.append(_layer_module(model, m, element, layer).register_forward_hook(make_hook((m, element))))
     try:
-        for config in configs:
-            species = torch.as_tensor(np.asarray(config.numbers), dtype=torch.long).unsqueeze(0)
-            coords = torch.as_tensor(np.asarray(config.positions), dtype=torch.float32).unsqueeze(0)
+        for indices in batches(configs):  # molecules in padded batches, periodic boxes alone
+            config = configs[indices[0]]
+            species, coords = padded(configs, indices)
             cell = None if config.cell is None else torch.tensor(np.asarray(config.cell), dtype=torch.float32)
             pbc = None if cell is None else torch.ones(3, dtype=torch.bool)
             if cell is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from nnpq.models import ANIPotential, energy_and_forces
+from nnpq.models.batching import batches, padded
 from nnpq.units import HARTREE_TO_KCAL_MOL, HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
 from nnpq.validation.structure import element_symbol, energy_errors, force_errors
 
@@ -56,21 +58,40 @@ Outputs = list[tuple[float, np.ndarray]]  # per configuration: energy (Ha), forc
 
 
 def outputs_on(potential: ANIPotential, configs: list) -> Outputs:
-    """Energy and forces of ``potential`` on each `nnpq.structures.Configuration`."""
-    return [energy_and_forces(potential, c.numbers, c.positions, c.cell) for c in configs]
+    """Energy and forces of ``potential`` on each `nnpq.structures.Configuration`; molecules are
+    evaluated in padded batches when the potential can (`ANIPotential.batch_energies`)."""
+    if not hasattr(potential, "batch_energies"):
+        return [energy_and_forces(potential, c.numbers, c.positions, c.cell) for c in configs]
+    out: Outputs = [(0.0, np.zeros(0))] * len(configs)
+    for indices in batches(configs):
+        if len(indices) == 1:
+            c = configs[indices[0]]
+            out[indices[0]] = energy_and_forces(potential, c.numbers, c.positions, c.cell)
+            continue
+        for i in indices:
+            potential.check_inputs(configs[i].numbers, configs[i].positions)
+        numbers, positions = padded(configs, indices)
+        positions.requires_grad_(True)
+        energies = potential.batch_energies(numbers, positions)
+        (grad,) = torch.autograd.grad(energies.sum(), positions)
+        for row, i in enumerate(indices):
+            out[i] = (float(energies[row].detach()), -grad[row, :configs[i].n_atoms].to(torch.float64).numpy())
+    return out
 
 
 def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
     """Errors of ``test`` against ``reference`` over a set of configurations, kcal/mol and kcal/mol/Å.
 
     ``force_rmse`` pools every force component of every configuration; ``energy_mae_per_atom``
-    averages |dE|/N over configurations; ``per_source`` and ``per_element`` break both down.
+    averages |dE|/N over configurations; ``per_source``, ``per_kind``, ``per_molecule`` and
+    ``per_element`` break both down.
     """
     e_factor = HARTREE_TO_KCAL_MOL
     sq: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
     by_source: dict[str, dict[str, list[float]]] = {}
     by_kind: dict[str, dict[str, list[float]]] = {}
+    by_molecule: dict[str, dict[str, list[float]]] = {}
     per_atom_e, all_sq, ref_sq = [], 0.0, 0.0
     n_comp = 0
     for (e_ref, f_ref), (e_test, f_test), config in zip(reference, test, configs):
@@ -84,7 +105,7 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
             sym = element_symbol(int(z))
             sq.setdefault(sym, []).append(float(np.sum(d[config.numbers == z] ** 2)))
             counts[sym] = counts.get(sym, 0) + int(np.sum(config.numbers == z)) * 3
-        for groups, name in ((by_source, config.group), (by_kind, config.kind)):
+        for groups, name in ((by_source, config.group), (by_kind, config.kind), (by_molecule, config.molecule)):
             group = groups.setdefault(name, {"sq": [], "n": [], "e": []})
             group["sq"].append(float(np.sum(d**2)))
             group["n"].append(d.size)
@@ -98,6 +119,7 @@ def set_errors(reference: Outputs, test: Outputs, configs: list) -> dict:
         "per_element": {s: {"force_rmse": float(np.sqrt(sum(v) / counts[s]))} for s, v in sorted(sq.items())},
         "per_source": _summaries(by_source),
         "per_kind": _summaries(by_kind),
+        "per_molecule": _summaries(by_molecule),
     }
 
 

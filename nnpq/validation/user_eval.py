@@ -100,7 +100,8 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
 
     overall = set_errors(ref_out, test_out, configs)
     per_element = overall.pop("per_element")
-    overall.pop("per_source", None)
+    for key in ("per_source", "per_molecule"):
+        overall.pop(key, None)
     for sym, count in _element_atom_counts(configs).items():
         per_element[sym]["n_atoms"] = count
 
