@@ -159,6 +159,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"JSON: {args.output}")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from nnpq.atomic_io import write_text_atomic
+    from nnpq.bench import DEFAULT_SYSTEMS, format_rows, rows_to_json, run_bench
+
+    systems = DEFAULT_SYSTEMS if not args.systems else tuple(args.systems)
+    rows = run_bench(args.model, args.device, systems, tuple(args.modes.split(",")), args.repeats,
+                     md_steps=not args.no_md, progress=not args.quiet and not args.json)
+    text = json.dumps(rows_to_json(rows), indent=2)
+    if args.output:
+        write_text_atomic(args.output, text + "\n")
+    print(text if args.json else format_rows(rows))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnpq", description="Quantized ANI potentials for molecular dynamics.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.json", help="also write the JSON results to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("bench", help="time energy+forces per call and per MD step against FP32 TorchANI")
+    p.add_argument("model", help="a .nnpq file (or an FP32 model name for the FP32 rows only)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--systems", nargs="+", metavar="NAME",
+                   help="built-in systems, or water-box-2x / water-box-3x (4,440 / 14,985 atoms); "
+                   "default: alanine-dipeptide water-box water-box-2x")
+    p.add_argument("--modes", default="exact,fast", help="nnpq runtime modes to time (default exact,fast)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed calls per runtime (default 5)")
+    p.add_argument("--no-md", action="store_true", help="skip the per-MD-step rows")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("-o", "--output", metavar="OUT.json", help="also write the JSON rows to this file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="print the manifest of an .nnpq file")
     p.add_argument("model")
