@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a published ANI model into an .nnpq file")
     p.add_argument("model", help="ani2x, ani1x or ani1ccx")
     p.add_argument("-o", "--output", help="output file (default: MODEL-w8.nnpq)")
-    p.add_argument("--weight", default="int8/g32/asym",
-                   help="uniform weight format without a budget: int8/g32/asym (default), int8/channel, fp16, ...")
+    p.add_argument("--weight", default="int8/g8/asym",
+                   help="uniform weight format without a budget: int8/g8/asym (default), int8/g32/asym, int8/channel, "
+                   "fp16, ...")
     p.add_argument("--activation", choices=["none", "dynamic", "static"], default="none",
                    help="INT8 input activations of integer layers (forces then not exact gradients)")
     p.add_argument("--max-force-rmse", type=float, help="choose precisions per element and layer: force RMSE "

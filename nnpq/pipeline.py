@@ -1,6 +1,6 @@
 """`nnpq quantize`: FP32 model -> calibration -> plan -> quantized artifact, with its error tables.
 
-Without a budget the plan is uniform (asymmetric INT8 in groups of 32 inputs, force-aware
+Without a budget the plan is uniform (asymmetric INT8 in groups of 8 inputs, force-aware
 GPTQ). With
 ``max_force_rmse``, ``max_energy_rmse`` or ``max_bytes`` the plan is chosen per (element,
 layer) from measured sensitivities, and the size/error frontier is reported. Errors are
@@ -29,7 +29,7 @@ from nnpq.models.fp32 import file_sha256, n_layers, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
 from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
-from nnpq.spec.formats import INT8_CHANNEL, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
+from nnpq.spec.formats import INT8_CHANNEL, INT8_G8_ASYM, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
 from nnpq.spec.plan import QuantPlan, require_known_elements, uniform_plan
 from nnpq.quant.refit import RefitSettings, refit
 from nnpq.quant.sensitivity import DEFAULT_CANDIDATES, unit_bytes
@@ -40,9 +40,8 @@ BASELINES: tuple[tuple[str, TensorFormat, ActivationFormat, str], ...] = (
     ("int8/tensor RTN", TensorFormat("int", 8, "tensor"), NO_ACTIVATION, "nearest"),
     ("int8/channel RTN", INT8_CHANNEL, NO_ACTIVATION, "nearest"),
     ("int8/g32/asym RTN", INT8_G32_ASYM, NO_ACTIVATION, "nearest"),
+    ("int8/g8/asym RTN", INT8_G8_ASYM, NO_ACTIVATION, "nearest"),
     ("fp16", TensorFormat("fp16"), NO_ACTIVATION, "nearest"),
-    ("W8A8 dynamic/row", INT8_G32_ASYM, ActivationFormat("dynamic"), "gptq"),
-    ("W8A8 static/mse", INT8_G32_ASYM, ActivationFormat("static", "mse"), "gptq"),
 )
 CORRECTION_ROUNDS = 3
 EQUALIZED_LAYERS = (0,)  # the AEV-fed first layers, where feature ranges differ most
@@ -67,7 +66,7 @@ class QuantizeOptions:
         report_dir: where sensitivity and frontier files go (default: beside the output).
     """
 
-    weight: TensorFormat = INT8_G32_ASYM
+    weight: TensorFormat = INT8_G8_ASYM
     activation: ActivationFormat = NO_ACTIVATION
     rounding: RoundingSettings = RoundingSettings()
     refit: RefitSettings = RefitSettings()
@@ -274,7 +273,7 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
     if options.refit.steps > 0:
         heldout["before refit"] = _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name)
         refit_loss = refit(quantized, spec.name, calib.calibration, outputs_on(reference_potential, calib.calibration),
-                           options.refit, progress)
+                           options.refit, progress, seed)
     heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name), **heldout}
     if options.baselines:
         for name, fmt, activation, method in BASELINES:
@@ -282,7 +281,7 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
             baseline = uniform_plan(fmt, activation=activation, rounding=method)
             model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
             heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
-    domain = Domain(aev_maxima(reference_potential, calib.calibration), aev_feature_names(fp32.symbols))
+    domain = Domain(aev_maxima(spec.name, calib.calibration), aev_feature_names(fp32.symbols))
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
                "heldout_groups": calib.heldout_groups, "coverage": domain.coverage(),
                "rounding": options.rounding.__dict__,
@@ -311,20 +310,21 @@ def format_result(result: QuantizeResult) -> str:
         "errors vs FP32: held-out frames of calibrated systems (MD at 300 K and 600 K, displaced, compressed), and",
         "held-out chemistry: molecules with functional groups calibration never saw ("
         + (", ".join(result.heldout_groups) or "none") + ")",
-        f"{'':<20}{'':>8}{'--------- in distribution ---------':>41}{'--------- held-out chemistry ---------':>41}",
-        f"{'plan':<20}{'size MB':>8}{'F RMSE':>9}{'water-box':>11}{'sfcl-sulf.':>11}{'|dE|/atom':>10}"
-        f"{'F RMSE':>9}{'worst mol.':>11}{'|dE|/atom':>10}{'max|dE|/at':>11}",
-        f"{'':<20}{'':>8}{'kcal/mol/Å':>9}{'':>11}{'':>11}{'kcal/mol':>10}{'kcal/mol/Å':>9}{'':>11}{'kcal/mol':>10}{'kcal/mol':>11}",
+        f"{'':<20}{'':>8}{'---------- in distribution ----------':>45}{'--------- held-out chemistry ----------':>45}",
+        f"{'plan':<20}{'size MB':>8}{'F RMSE':>12}{'water-box':>11}{'sfcl-sulf.':>11}{'|dE|/atom':>11}"
+        f"{'F RMSE':>12}{'worst mol.':>11}{'|dE|/atom':>11}{'max|dE|/at':>11}",
+        f"{'':<20}{'':>8}{'kcal/mol/Å':>12}{'':>11}{'':>11}{'kcal/mol':>11}{'kcal/mol/Å':>12}{'':>11}{'kcal/mol':>11}"
+        f"{'kcal/mol':>11}",
     ]
     for name, e in result.heldout.items():
         per = e["per_source"]
         water, sfcl = (f"{per[k]['force_rmse']:>11.4f}" if k in per else f"{'n/a':>11}"
                        for k in ("water-box", "sfcl-sulfonamide"))
         chem = e.get("chemistry")
-        chem_text = (f"{chem['force_rmse']:>9.4f}{max(v['force_rmse'] for v in chem['per_molecule'].values()):>11.4f}"
-                     f"{chem['energy_mae_per_atom']:>10.5f}{chem['energy_max_per_atom']:>11.5f}") if chem else f"{'n/a':>9}"
-        lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>9.4f}{water}{sfcl}"
-                     f"{e['energy_mae_per_atom']:>10.5f}{chem_text}")
+        chem_text = (f"{chem['force_rmse']:>12.4f}{max(v['force_rmse'] for v in chem['per_molecule'].values()):>11.4f}"
+                     f"{chem['energy_mae_per_atom']:>11.5f}{chem['energy_max_per_atom']:>11.5f}") if chem else f"{'n/a':>12}"
+        lines.append(f"{name:<20}{e['bytes'] / mb:>8.2f}{e['force_rmse']:>12.4f}{water}{sfcl}"
+                     f"{e['energy_mae_per_atom']:>11.5f}{chem_text}")
     ours = result.heldout["this plan"]
     lines.append(f"(RMS FP32 force on these configurations: {ours['force_rms_ref']:.1f} kcal/mol/Å in distribution"
                  + (f", {ours['chemistry']['force_rms_ref']:.1f} on held-out chemistry)" if "chemistry" in ours else ")"))

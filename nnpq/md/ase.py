@@ -10,6 +10,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, energy_and_forces, load_potential
+from nnpq.models.domain import check_domain
 from nnpq.units import HARTREE_TO_EV_
 
 
@@ -52,6 +53,8 @@ class NnpqCalculator(Calculator):
             raise NnpqError(f"partial periodicity pbc={pbc.tolist()} is not supported; use pbc=True or pbc=False")
         cell = np.asarray(self.atoms.cell.array, dtype=np.float64) if pbc.all() else None
         potential = self._resolve(cell is not None)
+        if "numbers" in system_changes:  # once per structure: is it inside what calibration covered?
+            check_domain(potential, self.atoms.numbers, self.atoms.positions, cell, "ASE calculator")
         energy, forces = energy_and_forces(potential, self.atoms.numbers, self.atoms.positions, cell)
         self.results = {
             "energy": energy * HARTREE_TO_EV_,

@@ -40,3 +40,15 @@ def padded(configs: Sequence[Configuration], indices: list[int], dtype=torch.flo
         numbers[row, :c.n_atoms] = torch.as_tensor(np.asarray(c.numbers), dtype=torch.long)
         positions[row, :c.n_atoms] = torch.as_tensor(np.asarray(c.positions), dtype=dtype)
     return numbers, positions
+
+
+def atomic_energies(ani, numbers: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` atomic network energies (Hartree, self energies excluded, 0 at padding) of a padded
+    batch of non-periodic molecules through a TorchANI model. TorchANI's cell list takes one
+    structure at a time, so pairs come from its all-pairs search, which is per molecule."""
+    from torchani.neighbors import all_pairs
+
+    nnp = ani.potentials["nnp"]
+    elem = ani.species_converter(numbers)
+    neighbors = all_pairs(nnp.aev_computer.radial.cutoff, elem, positions)
+    return nnp.neural_networks(elem, nnp.aev_computer.compute_from_neighbors(elem, positions, neighbors), atomic=True)

@@ -9,12 +9,14 @@ excited). The check is done once per structure at set-up (engines, evaluate, val
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 
 from nnpq.models.batching import batches, padded
 
@@ -38,9 +40,17 @@ def feature_block(name: str) -> str:
     return " ".join(name.split()[:2])
 
 
-def aevs(potential, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> np.ndarray:
-    """The ``(N, F)`` AEVs of one structure (positions Å) under a TorchANI-based potential."""
-    ani = potential.ani
+@functools.lru_cache(maxsize=None)
+def _aev_model(model_name: str):
+    """The published model's architecture (AEV constants; no weights needed), cell-list neighbours."""
+    from nnpq.models.fp32 import assemble_architecture
+
+    return assemble_architecture(model_name, "cell_list")
+
+
+def aevs(model_name: str, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> np.ndarray:
+    """The ``(N, F)`` AEVs of one structure (positions and cell in Å) under ``model_name``'s AEV."""
+    ani = _aev_model(model_name)
     species = torch.as_tensor(np.asarray(numbers), dtype=torch.long).unsqueeze(0)
     coords = torch.as_tensor(np.asarray(positions), dtype=torch.float32).unsqueeze(0)
     box = None if cell is None else torch.as_tensor(np.asarray(cell), dtype=torch.float32)
@@ -48,29 +58,30 @@ def aevs(potential, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray
     if box is not None:
         coords = coords - torch.floor(coords @ torch.linalg.inv(box)) @ box
     with torch.no_grad():
-        elem = ani.species_converter(species)
-        return ani.potentials["nnp"].aev_computer(elem, coords, box, pbc)[0].numpy()
+        return ani.potentials["nnp"].aev_computer(ani.species_converter(species), coords, box, pbc)[0].numpy()
 
 
-def aev_maxima(potential, configs: Sequence) -> dict[str, np.ndarray]:
+def aev_maxima(model_name: str, configs: Sequence) -> dict[str, np.ndarray]:
     """Per element, the largest value of each AEV feature over ``configs`` (0 where never excited)."""
-    ani = potential.ani
-    symbols = list(ani.symbols)
+    from torchani.neighbors import all_pairs
+
+    ani = _aev_model(model_name)
+    aev_computer = ani.potentials["nnp"].aev_computer
     maxima: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for indices in batches(configs):
             first = configs[indices[0]]
             if first.cell is not None:
-                values, numbers = aevs(potential, first.numbers, first.positions, first.cell), np.asarray(first.numbers)
+                values, numbers = aevs(model_name, first.numbers, first.positions, first.cell), np.asarray(first.numbers)
             else:
                 species, coords = padded(configs, indices)
                 elem = ani.species_converter(species)
-                values = ani.potentials["nnp"].aev_computer(elem, coords, None, None).reshape(-1, ani.aev_computer.out_dim).numpy()
+                neighbors = all_pairs(aev_computer.radial.cutoff, elem, coords)
+                values = aev_computer.compute_from_neighbors(elem, coords, neighbors).reshape(-1, aev_computer.out_dim).numpy()
                 numbers = species.reshape(-1).numpy()
             for z in np.unique(numbers[numbers >= 0]):
-                symbol = symbols[int(potential.z_to_index[int(z)])]
-                top = values[numbers == z].max(axis=0)
-                maxima[symbol] = np.maximum(maxima.get(symbol, 0.0), top)
+                symbol = chemical_symbols[int(z)]
+                maxima[symbol] = np.maximum(maxima.get(symbol, 0.0), values[numbers == z].max(axis=0))
     return maxima
 
 
@@ -115,19 +126,25 @@ class Domain:
 
 
 def check_domain(potential, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None,
-                 where: str = "") -> dict[int, list[str]]:
-    """Warn once (a `UserWarning` naming the atoms) when a structure drives ``potential`` outside its
-    calibrated domain; returns the atoms and blocks found. Potentials without a domain pass."""
+                 where: str = "", warn: bool = True) -> dict[int, list[str]]:
+    """Atoms of a structure (positions and cell in Å) that drive ``potential`` outside its calibrated
+    domain, with the neighbour blocks beyond range; warned about (`warn_outside`) unless ``warn`` is
+    False. Potentials without a domain (FP32) pass."""
     domain: Domain | None = getattr(potential, "domain", None)
     if domain is None:
         return {}
-    symbols = list(potential.ani.symbols)
-    atom_symbols = [symbols[int(potential.z_to_index[int(z)])] for z in numbers]
-    found = domain.outside(atom_symbols, aevs(potential, numbers, positions, cell))
-    if found:
-        shown = ", ".join(f"{i} ({atom_symbols[i]}: {', '.join(b)})" for i, b in list(found.items())[:8])
-        more = f" and {len(found) - 8} more" if len(found) > 8 else ""
-        warnings.warn(f"{where + ': ' if where else ''}{potential.label} is outside its calibrated domain at "
-                      f"{len(found)} atom(s): {shown}{more}; its quantization errors there were never measured, "
-                      "so compare with the FP32 model (nnpq evaluate) before trusting them", stacklevel=2)
+    found = domain.outside([chemical_symbols[int(z)] for z in numbers],
+                           aevs(potential.model_name, numbers, positions, cell))
+    if found and warn:
+        warn_outside(potential, found, numbers, where)
     return found
+
+
+def warn_outside(potential, found: dict[int, Sequence[str]], numbers: np.ndarray, where: str = "") -> None:
+    """One `UserWarning` naming the first atoms outside the domain and the blocks beyond range."""
+    shown = ", ".join(f"{i} ({chemical_symbols[int(numbers[i])]}: {', '.join(sorted(b))})"
+                      for i, b in list(found.items())[:8])
+    more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+    warnings.warn(f"{where + ': ' if where else ''}{potential.label} is outside its calibrated domain at "
+                  f"{len(found)} atom(s): {shown}{more}; its quantization errors there were never measured, "
+                  "so compare with the FP32 model (nnpq evaluate) before trusting them", stacklevel=3)

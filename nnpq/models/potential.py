@@ -72,7 +72,9 @@ class ANIPotential(torch.nn.Module):
             numbers: ``(B, N)`` atomic numbers, -1 where a molecule has fewer than N atoms.
             positions: ``(B, N, 3)`` Angstrom.
         """
-        atomic = self.ani((numbers, positions.to(torch.float32)), atomic=True).energies
+        from nnpq.models.batching import atomic_energies
+
+        atomic = atomic_energies(self.ani, numbers, positions.to(torch.float32))
         real = numbers >= 0
         shift = torch.where(real, self.self_energies[self.z_to_index[numbers.clamp(min=0)]], 0.0).sum(-1)
         return torch.where(real, atomic.to(torch.float64), 0.0).sum(-1) + shift

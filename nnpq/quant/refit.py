@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 from torchani.arch import ANI
 
@@ -33,12 +35,15 @@ class RefitSettings:
             mean squared force error (kcal/mol/Å)^2; 100 weighs 0.005 kcal/mol/atom like 0.05 kcal/mol/Å.
         anchor: weight of the mean squared change of the refit parameters (in kcal/mol-scaled
             Hartree units) against the mean squared force error: the refit stays near its start.
+        max_configurations: a seeded subset of at most this many calibration configurations is
+            fitted (double backpropagation costs ~20x a force call; this bounds the run time).
     """
 
     steps: int = 30
     lr: float = 1e-6
     energy_weight: float = 100.0
     anchor: float = 1.0
+    max_configurations: int = 96
 
 
 def fp32_parameters(model: ANI) -> list[torch.Tensor]:
@@ -53,7 +58,7 @@ def fp32_parameters(model: ANI) -> list[torch.Tensor]:
 
 
 def refit(model: ANI, model_name: str, calibration: list[Configuration], reference: Outputs,
-          settings: RefitSettings = RefitSettings(), progress: bool = False) -> list[float]:
+          settings: RefitSettings = RefitSettings(), progress: bool = False, seed: int = 0) -> list[float]:
     """Fit ``model``'s FP32 parameters in place to ``reference`` (FP32 energies in Hartree,
     forces in Hartree/Å per configuration); returns the loss before each step."""
     from tqdm import tqdm
@@ -61,6 +66,9 @@ def refit(model: ANI, model_name: str, calibration: list[Configuration], referen
     if settings.steps <= 0 or not calibration:
         return []
     potential = ANIPotential(model, "refit", model_name)
+    if len(calibration) > settings.max_configurations:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(calibration))[:settings.max_configurations])
+        calibration, reference = [calibration[i] for i in keep], [reference[i] for i in keep]
     data = []
     for indices in batches(calibration):
         numbers, positions = padded(calibration, indices)

@@ -22,7 +22,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torchani.arch import ANI
 
-from nnpq.models.batching import batches, padded
+from nnpq.models.batching import atomic_energies, batches, padded
 from nnpq.structures import Configuration
 
 UnitKey = tuple[int, str]  # (member, element)
@@ -112,14 +112,21 @@ def collect_layer_stats(model: ANI, layer: int, configs: list[Configuration], ta
             if cell is not None:
                 frac = coords @ torch.linalg.inv(cell)
                 coords = coords - torch.floor(frac) @ cell
+
+            def run(x: torch.Tensor) -> None:
+                if cell is None:
+                    atomic_energies(model, species, x)
+                else:
+                    model((species, x), cell=cell, pbc=pbc)
+
             with torch.no_grad():
                 mode["tangent"] = False
-                model((species, coords), cell=cell, pbc=pbc)
+                run(coords)
             mode["tangent"] = True
             for _ in range(tangents):
                 v = torch.randn(coords.shape, generator=gen)
                 with fwAD.dual_level(), torch.no_grad():
-                    model((species, fwAD.make_dual(coords, v)), cell=cell, pbc=pbc)
+                    run(fwAD.make_dual(coords, v))
     finally:
         for h in handles:
             h.remove()

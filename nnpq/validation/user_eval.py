@@ -76,6 +76,7 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
             (named as ``file:frame``) with an element either model lacks.
     """
     from nnpq.models import load_potential
+    from nnpq.models.domain import check_domain, warn_outside
     from nnpq.quant.calibration import check_elements
 
     files = _unique_inputs(list(inputs or []))
@@ -110,6 +111,12 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
     for path, group in per_file_configs.items():
         stop = start + len(group)
         errs = set_errors(ref_out[start:stop], test_out[start:stop], group)
+        outside: dict[int, set[str]] = {}  # atoms outside the calibrated domain in any frame, warned once
+        for config in group:
+            for atom, blocks in check_domain(potential, config.numbers, config.positions, config.cell, warn=False).items():
+                outside.setdefault(atom, set()).update(blocks)
+        if outside:
+            warn_outside(potential, outside, group[0].numbers, Path(path).name)
         per_file[path] = {
             "force_rmse": errs["force_rmse"],
             "force_rms_ref": errs["force_rms_ref"],
@@ -118,6 +125,7 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
             "n_frames": len(group),
             "n_atoms": int(group[0].n_atoms) if len({c.n_atoms for c in group}) == 1 else None,
             "periodic": any(c.cell is not None for c in group),
+            "outside_domain": {str(a): sorted(b) for a, b in sorted(outside.items())},
         }
         start = stop
 
