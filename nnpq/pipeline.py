@@ -24,7 +24,7 @@ from nnpq.artifact import save_artifact
 from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, load_fp32, model_spec
-from nnpq.models.domain import Domain, aev_feature_names, aev_maxima
+from nnpq.models.domain import Domain, aev_maxima
 from nnpq.models.fp32 import file_sha256, n_layers, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
@@ -281,7 +281,7 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
             baseline = uniform_plan(fmt, activation=activation, rounding=method)
             model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
             heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
-    domain = Domain(aev_maxima(spec.name, calib.calibration), aev_feature_names(fp32.symbols))
+    domain = Domain(aev_maxima(spec.name, calib.calibration), tuple(fp32.symbols))
     metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
                "heldout_groups": calib.heldout_groups, "coverage": domain.coverage(),
                "rounding": options.rounding.__dict__,

@@ -30,7 +30,7 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> 
     if "domain" in artifact.manifest:
         from nnpq.models.domain import Domain
 
-        potential.domain = Domain.from_manifest(artifact.manifest["domain"], potential.symbols())
+        potential.domain = Domain.from_manifest(artifact.manifest["domain"])
     return potential
 
 

@@ -4,7 +4,8 @@ what the model was checked on, and the user is told which atoms.
 
 The domain is stored in the artifact's manifest as, per element network, the largest value each
 of the 1008 AEV features took over the calibration configurations (0 for features never
-excited). The check is done once per structure at set-up (engines, evaluate, validate).
+excited; the coverage report) and the largest norm of each neighbour block of features (radial H,
+angular C-F, ...; the check). The check is done once per structure at set-up (engines, evaluate).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 
+from nnpq.errors import NnpqError
 from nnpq.models.batching import batches, padded
 
-# A feature is out of domain when it exceeds its calibrated maximum by this factor plus the floor;
-# the floor ignores the smooth cutoff tails of neighbours at the edge of the cutoff sphere.
+# A neighbour block is out of domain when its norm exceeds the calibrated maximum by this factor plus
+# the floor; the floor ignores the smooth cutoff tails of neighbours at the edge of the cutoff sphere.
 DOMAIN_FACTOR = 1.5
-DOMAIN_FLOOR = 1e-3
+DOMAIN_FLOOR = 0.01
 
 
 def aev_feature_names(symbols: Sequence[str], radial_shifts: int = 16, angular_shifts: int = 8,
@@ -61,12 +63,33 @@ def aevs(model_name: str, numbers: np.ndarray, positions: np.ndarray, cell: np.n
         return ani.potentials["nnp"].aev_computer(ani.species_converter(species), coords, box, pbc)[0].numpy()
 
 
+def block_index(symbols: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The neighbour blocks of an AEV (``radial H``, ``angular C-F``) and each feature's block number."""
+    blocks: list[str] = []
+    index = []
+    for name in aev_feature_names(symbols):
+        block = feature_block(name)
+        if not blocks or blocks[-1] != block:
+            blocks.append(block)
+        index.append(len(blocks) - 1)
+    return blocks, np.asarray(index)
+
+
+def block_norms(values: np.ndarray, index: np.ndarray, n_blocks: int) -> np.ndarray:
+    """``(N, blocks)`` Euclidean norms of each atom's AEV restricted to each neighbour block."""
+    out = np.zeros((values.shape[0], n_blocks))
+    np.add.at(out.T, index, (values**2).T)
+    return np.sqrt(out)
+
+
 def aev_maxima(model_name: str, configs: Sequence) -> dict[str, np.ndarray]:
-    """Per element, the largest value of each AEV feature over ``configs`` (0 where never excited)."""
+    """Per element, the largest value of each AEV feature over ``configs`` (0 where never excited),
+    followed by the largest norm of each neighbour block (see `block_index`)."""
     from torchani.neighbors import all_pairs
 
     ani = _aev_model(model_name)
     aev_computer = ani.potentials["nnp"].aev_computer
+    blocks, index = block_index(ani.symbols)
     maxima: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for indices in batches(configs):
@@ -81,47 +104,68 @@ def aev_maxima(model_name: str, configs: Sequence) -> dict[str, np.ndarray]:
                 numbers = species.reshape(-1).numpy()
             for z in np.unique(numbers[numbers >= 0]):
                 symbol = chemical_symbols[int(z)]
-                maxima[symbol] = np.maximum(maxima.get(symbol, 0.0), values[numbers == z].max(axis=0))
+                rows = values[numbers == z]
+                top = np.concatenate([rows.max(axis=0), block_norms(rows, index, len(blocks)).max(axis=0)])
+                maxima[symbol] = np.maximum(maxima.get(symbol, 0.0), top)
     return maxima
 
 
 @dataclass
 class Domain:
-    """Calibrated AEV maxima per element network; `outside` names the atoms beyond them."""
+    """Per element network, the calibrated maxima of each AEV feature (for coverage) and of each
+    neighbour block's norm (for the check). An atom is outside when one of its blocks' norms
+    exceeds ``DOMAIN_FACTOR`` times the calibrated maximum plus ``DOMAIN_FLOOR``: a neighbour pair
+    or angle type calibration never had, or a far denser environment than it had. Single features
+    are too sharp (Gaussians in distance and angle) to judge alone."""
 
-    maxima: dict[str, np.ndarray]
-    feature_names: list[str]
+    maxima: dict[str, np.ndarray]  # element -> (features + blocks,)
+    symbols: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self.blocks, self.index = block_index(self.symbols)
+        self.n_features = len(self.index)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"aev_max": {e: [float(f"{v:.4g}") for v in m] for e, m in self.maxima.items()},
-                "factor": DOMAIN_FACTOR, "floor": DOMAIN_FLOOR}
+                "symbols": list(self.symbols), "factor": DOMAIN_FACTOR, "floor": DOMAIN_FLOOR}
 
     @classmethod
-    def from_manifest(cls, data: dict[str, Any], symbols: Sequence[str]) -> "Domain":
-        return cls({e: np.asarray(v, dtype=np.float64) for e, v in data["aev_max"].items()}, aev_feature_names(symbols))
+    def from_manifest(cls, data: dict[str, Any]) -> "Domain":
+        try:
+            domain = cls({str(e): np.asarray(v, dtype=np.float64) for e, v in data["aev_max"].items()},
+                         tuple(str(x) for x in data["symbols"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NnpqError(f"damaged applicability domain in the manifest ({type(exc).__name__}); "
+                            "re-create the file with 'nnpq quantize'") from None
+        size = domain.n_features + len(domain.blocks)
+        if any(m.shape != (size,) or not np.all(np.isfinite(m)) for m in domain.maxima.values()):
+            raise NnpqError("damaged applicability domain in the manifest (wrong length or non-finite values); "
+                            "re-create the file with 'nnpq quantize'")
+        return domain
 
     def coverage(self) -> dict[str, dict[str, Any]]:
         """Per element: the share of AEV features calibration excited and the blocks it never did."""
         out = {}
         for element, m in sorted(self.maxima.items()):
+            features = m[:self.n_features]
             blocks: dict[str, int] = {}
-            for name, value in zip(self.feature_names, m):
-                if value <= 0:
-                    blocks[feature_block(name)] = blocks.get(feature_block(name), 0) + 1
-            out[element] = {"excited_fraction": float(np.mean(m > 0)), "never_excited_blocks": blocks}
+            for k in np.nonzero(features <= 0)[0]:
+                blocks[self.blocks[self.index[k]]] = blocks.get(self.blocks[self.index[k]], 0) + 1
+            out[element] = {"excited_fraction": float(np.mean(features > 0)), "never_excited_blocks": blocks}
         return out
 
     def outside(self, symbols_of_atoms: Sequence[str], atom_aevs: np.ndarray) -> dict[int, list[str]]:
-        """Atom index -> the neighbour blocks whose features exceed the calibrated range."""
+        """Atom index -> the neighbour blocks beyond the calibrated range."""
+        norms = block_norms(atom_aevs, self.index, len(self.blocks))
         result: dict[int, list[str]] = {}
-        for i, (symbol, aev) in enumerate(zip(symbols_of_atoms, atom_aevs)):
+        for i, symbol in enumerate(symbols_of_atoms):
             limit = self.maxima.get(symbol)
             if limit is None:
                 result[i] = ["element never calibrated"]
                 continue
-            beyond = np.nonzero(aev > DOMAIN_FACTOR * limit + DOMAIN_FLOOR)[0]
+            beyond = np.nonzero(norms[i] > DOMAIN_FACTOR * limit[self.n_features:] + DOMAIN_FLOOR)[0]
             if len(beyond):
-                result[i] = sorted({feature_block(self.feature_names[k]) for k in beyond})
+                result[i] = [self.blocks[b] for b in beyond]
         return result
 
 
