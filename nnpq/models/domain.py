@@ -53,9 +53,9 @@ def _aev_model(model_name: str):
 def aevs(model_name: str, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> np.ndarray:
     """The ``(N, F)`` AEVs of one structure (positions and cell in Å) under ``model_name``'s AEV."""
     ani = _aev_model(model_name)
-    species = torch.as_tensor(np.asarray(numbers), dtype=torch.long).unsqueeze(0)
-    coords = torch.as_tensor(np.asarray(positions), dtype=torch.float32).unsqueeze(0)
-    box = None if cell is None else torch.as_tensor(np.asarray(cell), dtype=torch.float32)
+    species = torch.tensor(np.asarray(numbers), dtype=torch.long).unsqueeze(0)
+    coords = torch.tensor(np.asarray(positions), dtype=torch.float32).unsqueeze(0)
+    box = None if cell is None else torch.tensor(np.asarray(cell), dtype=torch.float32)
     pbc = None if box is None else torch.ones(3, dtype=torch.bool)
     if box is not None:
         coords = coords - torch.floor(coords @ torch.linalg.inv(box)) @ box
