@@ -344,9 +344,18 @@ def _read_tensors(header: dict[str, Any], body: memoryview, name: str) -> dict[s
         end = stop
     if end != len(body):
         raise _not_valid(name, "tensor data truncated" if end > len(body) else "bytes after the tensor data")
-    raw = torch.frombuffer(bytearray(body), dtype=torch.uint8) if len(body) else torch.empty(0, dtype=torch.uint8)
-    # clone: each tensor gets its own aligned storage before it is viewed as its dtype
-    return {key: raw[begin:stop].clone().view(dtype).reshape(shape) for begin, stop, key, dtype, shape in entries}
+    buffer = bytearray(body)  # one writable copy; the tensors are views into it
+    tensors = {}
+    for begin, stop, key, dtype, shape in entries:
+        if begin == stop:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif begin % dtype.itemsize:  # misaligned for its dtype: copy into aligned storage first
+            raw = torch.frombuffer(buffer, dtype=torch.uint8, count=stop - begin, offset=begin)
+            tensors[key] = raw.clone().view(dtype).reshape(shape)
+        else:
+            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=(stop - begin) // dtype.itemsize,
+                                            offset=begin).reshape(shape)
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -447,7 +456,8 @@ def _check_values(tensors: dict[str, torch.Tensor], plan: QuantPlan, model_name:
             continue
         lo, hi = code_range(fmt)
         if buffer == "qweight" or (buffer == "zero" and not fmt.symmetric):
-            found_lo, found_hi = int(t.min()), int(t.max())
+            codes = t.numpy()  # int8; numpy's single-threaded reductions beat torch's on small tensors
+            found_lo, found_hi = int(codes.min()), int(codes.max())
             if found_lo < lo or found_hi > hi:
                 what = "codes" if buffer == "qweight" else "zero points"
                 raise invalid(key, f"{what} outside the {fmt.label()} range [{lo}, {hi}] "
