@@ -150,7 +150,7 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -183,7 +183,7 @@ class _Fields:
     def only(self, allowed: set[str]) -> None:
         extra = sorted(set(self.obj) - allowed)
         if extra:
-            raise _damaged(self.name, f"unexpected field {self.where}{extra[0]}")
+            raise _damaged(self.name, f"unexpected field {self.where}{_show(extra[0])[1:-1]}")
 
     def get(self, key: str, kind: str, default: Any = ..., check: Callable[[Any], bool] | None = None,
             expect: str = "") -> Any:
@@ -276,7 +276,7 @@ def _check_manifest(manifest: Any, name: str) -> QuantPlan:
     packed = fields.get("packed_shapes", "an object", {})
     for key, shape in packed.items():
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-            raise _damaged(name, f"packed_shapes[{key!r}] must be a list of sizes, got {_show(shape)}")
+            raise _damaged(name, f"packed_shapes[{_show(key)}] must be a list of sizes, got {_show(shape)}")
     raw_source = fields.get("source", "an object")
     source = _Fields(raw_source, "source.", name, set(raw_source))
     source.get("model", "a string", check=lambda v: v in MODEL_SPECS, expect=f"one of {', '.join(MODEL_SPECS)}")
@@ -323,24 +323,24 @@ def _read_tensors(header: dict[str, Any], body: memoryview, name: str) -> dict[s
         if key == "__metadata__":
             continue
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _not_valid(name, f"malformed entry for tensor {key!r}")
+            raise _not_valid(name, f"malformed entry for tensor {_show(key)}")
         dtype = _ST_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         shape, offsets = entry["shape"], entry["data_offsets"]
         if dtype is None:
-            raise _not_valid(name, f"tensor {key!r} has unknown dtype {_show(entry['dtype'])}")
+            raise _not_valid(name, f"tensor {_show(key)} has unknown dtype {_show(entry['dtype'])}")
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-            raise _not_valid(name, f"tensor {key!r} has a malformed shape")
+            raise _not_valid(name, f"tensor {_show(key)} has a malformed shape")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(n) for n in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            raise _not_valid(name, f"tensor {key!r} has malformed data offsets")
+            raise _not_valid(name, f"tensor {_show(key)} has malformed data offsets")
         if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
-            raise _not_valid(name, f"tensor {key!r} has {offsets[1] - offsets[0]} bytes for shape {shape}")
+            raise _not_valid(name, f"tensor {_show(key)} has {offsets[1] - offsets[0]} bytes for shape {_show(shape)}")
         entries.append((offsets[0], offsets[1], key, dtype, shape))
     entries.sort(key=lambda e: e[:2])
     end = 0
     for begin, stop, key, _, _ in entries:
         if begin != end:
-            raise _not_valid(name, f"tensor data overlapping or with gaps at {key!r}")
+            raise _not_valid(name, f"tensor data overlapping or with gaps at {_show(key)}")
         end = stop
     if end != len(body):
         raise _not_valid(name, "tensor data truncated" if end > len(body) else "bytes after the tensor data")
@@ -367,11 +367,11 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=16)
-def _layout(model_name: str, plan_json: str) -> _Layout:
+def _layout(model_name: str, rules_json: str) -> _Layout:
     # the runtime's own empty model is the one definition of the layout (no copy of it here)
     from nnpq.models.runtime import empty_runtime
 
-    state = empty_runtime(model_name, QuantPlan.from_dict(json.loads(plan_json))).state_dict()
+    state = empty_runtime(model_name, QuantPlan.from_dict({"rules": json.loads(rules_json)})).state_dict()
     shapes = {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
     fixed = {key: t.clone() for key, t in state.items()
              if not t.is_floating_point() and _LAYER_TENSOR.search(key) is None}
@@ -396,7 +396,7 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
     """Narrow codes unpacked; then every tensor's name, dtype and shape exactly as the layout says."""
     model_name = manifest["source"]["model"]
     arch = _architecture(model_name)
-    layout = _layout(model_name, json.dumps(plan.to_dict(), sort_keys=True))
+    layout = _layout(model_name, json.dumps(plan.to_dict()["rules"], sort_keys=True))  # only rules shape it
 
     def misfit(detail: str) -> NnpqError:
         return NnpqError(f"{name} does not fit the {model_name} architecture with its plan ({detail}); {FIX}")
@@ -405,7 +405,8 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
     if missing or extra:
         key = (missing or extra)[0]
         more = len(missing or extra) - 1
-        raise misfit(f"{'missing' if missing else 'unexpected'} tensor {key}" + (f" and {more} more" if more else ""))
+        raise misfit(f"{'missing' if missing else 'unexpected'} tensor {_show(key)[1:-1]}"
+                     + (f" and {more} more" if more else ""))
     packed = manifest.get("packed_shapes", {})
     narrow = {}
     for key in layout.shapes:
@@ -416,12 +417,13 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
                 narrow[key] = fmt
     if set(packed) != set(narrow):
         odd = sorted(set(packed) ^ set(narrow))[0]
-        raise _damaged(name, f"packed_shapes {'lacks' if odd in narrow else 'has a stray entry for'} {odd}")
+        raise _damaged(name, f"packed_shapes {'lacks' if odd in narrow else 'has a stray entry for'} {_show(odd)[1:-1]}")
     out = dict(tensors)
     for key, fmt in narrow.items():
         shape, _ = layout.shapes[key]
         if tuple(packed[key]) != shape:
-            raise _damaged(name, f"packed_shapes[{key!r}] is {packed[key]}, the layer is {list(shape)}")
+            given = packed[key] if len(packed[key]) <= 8 else f"a list of {len(packed[key])} sizes"
+            raise _damaged(name, f"packed_shapes[{key!r}] is {given}, the layer is {list(shape)}")
         nbytes = (math.prod(shape) * fmt.bits + 7) // 8
         t = tensors[key]
         if t.dtype != torch.uint8 or tuple(t.shape) != (nbytes,):
@@ -464,6 +466,8 @@ def _check_values(tensors: dict[str, torch.Tensor], plan: QuantPlan, model_name:
                                    f"(found {found_lo if found_lo < lo else found_hi})")
         elif buffer == "zero" and bool(t.any()):
             raise invalid(key, f"zero points must be 0 for the symmetric {fmt.label()} (found {int(t.abs().max())})")
+        elif buffer == "col_scale" and not plan.equalize_for(*layer) and not bool((t == 1).all()):
+            raise invalid(key, f"must be 1 for a layer without input equalization (found {float(t.max()):g})")
         elif buffer in ("scale", "col_scale") and not bool((t > 0).all()):
             raise invalid(key, f"{'scales' if buffer == 'scale' else 'equalization factors'} must be positive "
                                f"(found {float(t.min()):g})")

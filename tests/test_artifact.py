@@ -438,8 +438,8 @@ def test_nan_and_negative_scales(w8_path, tmp_path):
     _one_line_error(negative, "scales must be positive (found -0.5)")
     zero = _rewrite_tensors(w8_path, tmp_path / "zero.nnpq", lambda t: t[_first(t, ".scale")].view(-1)[5].fill_(0.0))
     _one_line_error(zero, "scales must be positive (found 0)")
-    col = _rewrite_tensors(w8_path, tmp_path / "col.nnpq", lambda t: t[_first(t, "col_scale")].fill_(-1.0))
-    _one_line_error(col, "equalization factors must be positive (found -1)")
+    col = _rewrite_tensors(w8_path, tmp_path / "col.nnpq", lambda t: t[_first(t, "col_scale")].fill_(2.0))
+    _one_line_error(col, "col_scale: must be 1 for a layer without input equalization (found 2)")
     bias = _rewrite_tensors(w8_path, tmp_path / "bias.nnpq", lambda t: t[_first(t, "final_layer.bias")].fill_(float("inf")))
     _one_line_error(bias, "final_layer.bias: NaN or infinite values")
 

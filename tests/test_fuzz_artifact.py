@@ -269,7 +269,8 @@ def test_flipped_tensor_bytes(original, flips):
     body = bytearray(original.body)
     for position, mask in flips:
         body[position % len(body)] ^= mask
-    assert check(assemble(original.header, bytes(body)), lambda: original.tensors) == "refused"
+    outcome = check(assemble(original.header, bytes(body)), lambda: original.tensors)
+    assert outcome == ("refused" if body != original.body else "loaded")  # two flips may cancel
 
 
 @fuzz_settings(40)
