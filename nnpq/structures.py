@@ -54,13 +54,35 @@ def read_configurations(path: str | os.PathLike, topology: str | os.PathLike | N
     """All frames of a structure file: XYZ, extended XYZ, PDB (ASE), or DCD with a topology (mdtraj).
 
     Raises:
-        NnpqError: missing file, unreadable format, DCD without ``topology``, or no frames.
+        NnpqError: missing or empty file, unreadable format, DCD without ``topology``, no frames, a frame
+            without atoms, or two identical frames (named by their indices).
     """
     path = Path(path)
     if not path.is_file():
         raise NnpqError(f"structure file {path} not found")
-    if path.suffix.lower() == ".dcd":
-        return _read_dcd(path, topology)
+    if path.stat().st_size == 0:
+        raise NnpqError(f"{path.name} is empty; give a file with at least one structure")
+    configs = _read_dcd(path, topology) if path.suffix.lower() == ".dcd" else _read_ase(path)
+    _check_frames(configs, path.name)
+    return configs
+
+
+def _check_frames(configs: list[Configuration], name: str) -> None:
+    """Frames without atoms, or the same frame twice (it would count twice in every error), are refused."""
+    empty = [i for i, c in enumerate(configs) if c.n_atoms == 0]
+    if empty:
+        raise NnpqError(f"{name}: frame(s) {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''} "
+                        "hold no atoms; remove them from the file")
+    seen: dict[bytes, int] = {}
+    for i, c in enumerate(configs):
+        key = b"|".join(np.ascontiguousarray(a).tobytes() for a in (c.numbers, c.positions, c.cell) if a is not None)
+        if key in seen:
+            raise NnpqError(f"{name}: frames {seen[key]} and {i} are identical (same atoms at the same positions); "
+                            "remove the duplicate so that it is not counted twice")
+        seen[key] = i
+
+
+def _read_ase(path: Path) -> list[Configuration]:
     import ase.io
 
     try:
@@ -70,7 +92,7 @@ def read_configurations(path: str | os.PathLike, topology: str | os.PathLike | N
                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); use XYZ, extended XYZ, PDB or DCD")
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
-        raise NnpqError(f"{path.name} holds no structures")
+        raise NnpqError(f"{path.name} holds no structures; give a file with at least one structure")
     return [_from_atoms(a, f"{path.name}:{i}") for i, a in enumerate(frames)]
 
 

@@ -17,6 +17,15 @@ if not os.environ.get("TORCHANI_DATA_DIR"):
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run the long end-to-end versions too")
+    parser.addoption("--fuzz-examples", type=int, metavar="N",
+                     help="examples per fuzz test of the .nnpq loader (default: a bounded CI run); "
+                     "same as NNPQ_FUZZ_EXAMPLES=N")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Hypothesis settings are fixed when the fuzz module is imported, so the option travels as an env var
+    if config.getoption("--fuzz-examples"):
+        os.environ["NNPQ_FUZZ_EXAMPLES"] = str(config.getoption("--fuzz-examples"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

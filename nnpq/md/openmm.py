@@ -66,6 +66,10 @@ class PythonForceComputation:
         if self.periodic:
             box = torch.tensor(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer),
                                dtype=torch.float64)
+        # in Python anyway, so overlapping atoms get their one-line message (OpenMM passes it on)
+        self.module.potential.check_inputs(self.module.numbers.numpy(),
+                                           positions.detach()[self.module.atoms].numpy() * NM_TO_ANGSTROM,
+                                           None if box is None else box.numpy() * NM_TO_ANGSTROM)
         energy = self.module(positions, box)
         (grad,) = torch.autograd.grad(energy, positions)
         return float(energy.detach()), -grad.numpy()
@@ -116,7 +120,9 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
     numbers = topology_numbers(topology)
     selected = list(range(len(numbers))) if atoms is None else [int(i) for i in atoms]
     chosen = [numbers[i] for i in selected]
-    potential.check_inputs(np.array(chosen), np.zeros((len(chosen), 3)))
+    potential.check_elements(np.array(chosen))
+    if periodic:  # positions come later, with the context; the box is known now
+        potential.check_cell(np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)))
     module = OpenMMEnergy(potential, chosen, selected)
     if backend == "pythonforce":
         force = openmm.PythonForce(PythonForceComputation(module, periodic, len(numbers)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from nnpq.errors import NnpqError
@@ -40,6 +41,12 @@ def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str 
         return model
     text = os.fspath(model)
     is_name = text.lower().replace("-", "").replace("_", "") in MODEL_SPECS
+    if Path(text).is_file():  # an existing file always wins over a model name
+        if is_name:
+            warnings.warn(f"'{text}' is both an existing file and the name of an FP32 model; loading the file "
+                          f"{Path(text).resolve()} as an .nnpq model (rename or move it to use the FP32 model)",
+                          stacklevel=2)
+        return load_quantized(text, neighborlist)
     if not is_name and (Path(text).suffix == ".nnpq" or Path(text).exists() or os.sep in text):
         return load_quantized(text, neighborlist)
     spec = model_spec(text)  # the one-line 'unknown model' error for anything else

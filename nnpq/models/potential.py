@@ -84,10 +84,14 @@ class ANIPotential(torch.nn.Module):
         return self.ani.symbols
 
     @torch.jit.unused
-    def check_inputs(self, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> None:
-        """Raise `NnpqError` for elements the model lacks, bad shapes or non-finite values."""
+    def cutoff(self) -> float:
+        """The model's range, Angstrom: the radial cutoff of its AEV computer (5.1 for ANI-2x)."""
+        return float(self.ani.aev_computer.radial.cutoff)
+
+    @torch.jit.unused
+    def check_elements(self, numbers: np.ndarray) -> np.ndarray:
+        """Raise `NnpqError` unless ``numbers`` is a non-empty 1-D integer array of elements the model has."""
         numbers = np.asarray(numbers)
-        positions = np.asarray(positions)
         if numbers.ndim != 1 or numbers.size == 0 or not np.issubdtype(numbers.dtype, np.integer):
             raise NnpqError(f"atomic numbers must be a non-empty 1-D integer array, got shape {numbers.shape} "
                             f"of {numbers.dtype}")
@@ -101,13 +105,88 @@ class ANIPotential(torch.nn.Module):
                 f"element(s) {names} not supported by {self.label}, which covers only "
                 f"{', '.join(self.symbols())}; remove those atoms or choose a model that has them"
             )
+        return numbers
+
+    @torch.jit.unused
+    def check_cell(self, cell: np.ndarray) -> None:
+        """Raise `NnpqError` unless ``cell`` (rows, Angstrom) is finite, non-degenerate and at least twice
+        the cutoff wide in every direction, so each atom sees each neighbour once (minimum image)."""
+        cell = np.asarray(cell, dtype=np.float64)
+        if cell.shape != (3, 3) or not np.all(np.isfinite(cell)) or abs(np.linalg.det(cell)) < 1e-6:
+            raise NnpqError("periodic cell must be a finite, non-degenerate 3x3 matrix in Angstrom")
+        widths = cell_widths(cell)
+        narrow = int(np.argmin(widths))
+        minimum = 2.0 * self.cutoff()
+        if widths[narrow] < minimum:
+            raise NnpqError(
+                f"periodic cell is {widths[narrow]:.2f} Å wide along cell vector {'abc'[narrow]}, less than twice "
+                f"the {self.cutoff():g} Å cutoff of {self.label} ({minimum:.2f} Å); use a larger box, e.g. "
+                "replicate the cell"
+            )
+
+    @torch.jit.unused
+    def check_inputs(self, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> None:
+        """Raise `NnpqError` for elements the model lacks, bad shapes or non-finite values, a periodic
+        cell narrower than twice the cutoff, or atoms closer than `MIN_DISTANCE` Angstrom."""
+        numbers = self.check_elements(numbers)
+        positions = np.asarray(positions)
         if positions.shape != (len(numbers), 3):
             raise NnpqError(f"positions have shape {positions.shape}; expected ({len(numbers)}, 3) in Angstrom")
         if not np.all(np.isfinite(positions)):
             raise NnpqError("positions contain NaN or infinite values; check the input structure")
-        if cell is not None and (np.asarray(cell).shape != (3, 3) or not np.all(np.isfinite(cell))
-                                 or abs(np.linalg.det(cell)) < 1e-6):
-            raise NnpqError("periodic cell must be a finite, non-degenerate 3x3 matrix in Angstrom")
+        if cell is not None:
+            self.check_cell(cell)
+        close = closest_pair(positions, cell, MIN_DISTANCE)
+        if close is not None:
+            i, j, distance = close
+            raise NnpqError(f"atoms {i} and {j} are {distance:.3f} Å apart, closer than the {MIN_DISTANCE} Å any "
+                            "real structure has; check the input structure (duplicated atoms, or positions in nm "
+                            "instead of Å?)")
+
+
+MIN_DISTANCE = 0.5  # Angstrom: far below any bond (H-H 0.74); closer atoms mean a broken input
+
+
+def cell_widths(cell: np.ndarray) -> np.ndarray:
+    """Perpendicular widths of a cell (rows are the cell vectors), same unit as ``cell``."""
+    cell = np.asarray(cell, dtype=np.float64)
+    volume = abs(np.linalg.det(cell))
+    return np.array([volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])) for k in range(3)])
+
+
+def closest_pair(positions: np.ndarray, cell: np.ndarray | None, within: float) -> tuple[int, int, float] | None:
+    """The two atoms nearest each other if closer than ``within`` (minimum image when periodic), else ``None``.
+
+    A k-d tree over the atoms, plus, in a periodic cell (any shape, at least ``2 * within`` wide), the
+    periodic images of atoms within ``within`` of a face: O(N log N), ~0.1 s for 15,000 atoms.
+    """
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(positions, dtype=np.float64)
+    owner = np.arange(len(points))
+    if cell is not None:
+        cell = np.asarray(cell, dtype=np.float64)
+        frac = points @ np.linalg.inv(cell)
+        frac -= np.floor(frac)
+        points = frac @ cell
+        margin = within / cell_widths(cell)
+        images, owners = [points], [owner]
+        for shift in np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1])).reshape(3, -1).T:
+            if not shift.any():
+                continue
+            near = np.all((shift == 0) | ((shift == 1) & (frac < margin)) | ((shift == -1) & (frac > 1 - margin)),
+                          axis=1)
+            images.append(points[near] + shift @ cell)
+            owners.append(owner[near])
+        points, owner = np.concatenate(images), np.concatenate(owners)
+    pairs = cKDTree(points).query_pairs(within, output_type="ndarray")
+    pairs = pairs[owner[pairs[:, 0]] != owner[pairs[:, 1]]]
+    if not len(pairs):
+        return None
+    distances = np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1)
+    best = int(np.argmin(distances))
+    i, j = sorted(owner[pairs[best]].tolist())
+    return i, j, float(distances[best])
 
 
 def energy_and_forces(potential: ANIPotential, numbers: np.ndarray, positions: np.ndarray,

@@ -38,11 +38,16 @@ def replace_layers(model: ANI, plan: QuantPlan, make: LayerFactory, only_layer: 
     return model
 
 
+def empty_runtime(model_name: str, plan: QuantPlan, neighborlist: str = "all_pairs") -> ANI:
+    """The quantized model of ``plan`` with unfilled layers; its state dict is the layout an artifact stores."""
+    model = assemble_architecture(model_name, neighborlist)
+    return replace_layers(model, plan, lambda key, fmt, lin: empty_layer(
+        fmt, lin.in_features, lin.out_features, plan.activation_for(*key), plan.equalize_for(*key)))
+
+
 def build_runtime(model_name: str, plan: QuantPlan, state: dict[str, torch.Tensor],
                   neighborlist: str = "all_pairs") -> ANI:
     """Rebuild a quantized model from its plan and tensors (as stored in an artifact)."""
-    model = assemble_architecture(model_name, neighborlist)
-    replace_layers(model, plan, lambda key, fmt, lin: empty_layer(fmt, lin.in_features, lin.out_features,
-                                                                   plan.activation_for(*key), plan.equalize_for(*key)))
+    model = empty_runtime(model_name, plan, neighborlist)
     model.load_state_dict(state, strict=True)
     return model.eval()
