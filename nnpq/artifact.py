@@ -259,6 +259,22 @@ def _check_plan(data: Any, model_name: str, name: str) -> QuantPlan:
         raise _damaged(name, str(exc)) from None
 
 
+def _check_domain(data: Any, source: Any, name: str) -> None:
+    """The calibrated applicability domain: per element of the model, finite non-negative maxima."""
+    domain = _Fields(data, "domain.", name, {"aev_max", "symbols", "factor", "floor"})
+    domain.get("factor", "a finite number")
+    domain.get("floor", "a finite number")
+    symbols = domain.get("symbols", "a list")
+    model = source.get("model") if isinstance(source, dict) else None
+    known = _architecture(model).symbols if model in MODEL_SPECS else ()
+    if list(symbols) != list(known):
+        raise _damaged(name, f"domain.symbols must be the model's elements {list(known)}, got {_show(symbols)}")
+    maxima = _Fields(domain.get("aev_max", "an object"), "domain.aev_max.", name, set(known))
+    for element in maxima.obj:
+        maxima.get(element, "a list", check=lambda v: all(_TYPES["a finite number"](x) and x >= 0 for x in v),
+                   expect="a list of finite non-negative numbers")
+
+
 def _check_manifest(manifest: Any, name: str) -> QuantPlan:
     """Every manifest field typed and in range; returns the plan."""
     fields = _Fields(manifest, "", name)
@@ -271,7 +287,9 @@ def _check_manifest(manifest: Any, name: str) -> QuantPlan:
     if version < 1:
         raise _damaged(name, f"format_version {version} is not a format version; nnpq writes 1 to {FORMAT_VERSION}")
     fields.only({"format", "format_version", "nnpq_version", "created", "source", "plan", "tensors_sha256",
-                 "packed_shapes", "metrics"})
+                 "packed_shapes", "metrics", "domain"})
+    if "domain" in manifest:
+        _check_domain(fields.get("domain", "an object"), manifest.get("source", {}), name)
     fields.get("nnpq_version", "a string")
     fields.get("created", "a string")
     fields.get("tensors_sha256", "a string", check=lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
