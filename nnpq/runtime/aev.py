@@ -26,7 +26,6 @@ captured in one CUDA graph; the buffers are refilled in place and reallocated on
 capacity is exceeded.
 """
 
-from __future__ import annotations
 
 import copy
 import math
@@ -135,7 +134,8 @@ def center_triples(centers: Tensor, n_atoms: int) -> Tuple[Tensor, Tensor]:
     local = torch.tril_indices(n_max, n_max, -1, device=centers.device)  # rows r > cols c, row-major
     n_local = torch.div(counts * (counts - 1), 2, rounding_mode="floor")
     take = torch.arange(local.shape[1], device=centers.device).unsqueeze(0) < n_local.unsqueeze(1)
-    owner, k = torch.nonzero(take, as_tuple=True)
+    hits = torch.nonzero(take)
+    owner, k = hits[:, 0], hits[:, 1]
     return starts[owner] + local[0, k], starts[owner] + local[1, k]
 
 
@@ -240,67 +240,115 @@ def aev_vjp(grad_out: Tensor, vectors: Tensor, d: Tensor, gauss: Tensor, expo: T
 
 
 class _AEVFunction(torch.autograd.Function):
-    """AEV from pair vectors with a hand-written vector-Jacobian product (first order only)."""
+    """AEV from pair vectors with a hand-written vector-Jacobian product (first order only).
+
+    ``kernels`` is the (forward, vjp) pair: `aev_from_vectors`/`aev_vjp` or their compiled versions.
+    """
 
     @staticmethod
-    def forward(ctx, vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas, shift_r, shift_a, cos_sec, sin_sec,
-                radial_cutoff, angular_cutoff, num_species, num_pairs):
-        out, d, gauss, expo, fab, ang = _kernels()[0](vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas,
-                                                      shift_r, shift_a, cos_sec, sin_sec, radial_cutoff,
-                                                      angular_cutoff, num_species, num_pairs)
+    def forward(ctx, kernels, vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas, shift_r, shift_a, cos_sec,
+                sin_sec, radial_cutoff, angular_cutoff, num_species, num_pairs):
+        out, d, gauss, expo, fab, ang = kernels[0](vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas,
+                                                   shift_r, shift_a, cos_sec, sin_sec, radial_cutoff,
+                                                   angular_cutoff, num_species, num_pairs)
         ctx.save_for_backward(vectors, d, gauss, expo, fab, ang, rad_index, tri_a, tri_b, tri_index, etas, shift_r,
                               shift_a, cos_sec, sin_sec)
         ctx.constants = (radial_cutoff, angular_cutoff, num_species)
+        ctx.vjp = kernels[1]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_v = _kernels()[1](grad_out, *ctx.saved_tensors, *ctx.constants)
-        return (grad_v,) + (None,) * 14
+        grad_v = ctx.vjp(grad_out, *ctx.saved_tensors, *ctx.constants)
+        return (None, grad_v) + (None,) * 14
 
 
-_COMPILED: list = []
+_EAGER_KERNELS = (aev_from_vectors, aev_vjp)
+_COMPILED_KERNELS: list = []
 
 
-def _kernels():
-    """The forward and backward math: eager, or compiled by `use_compiled_kernels`."""
-    return _COMPILED[0] if _COMPILED else (aev_from_vectors, aev_vjp)
+def compiled_kernels() -> tuple:
+    """`aev_from_vectors` and `aev_vjp` through ``torch.compile`` (Inductor C++/OpenMP, dynamic shapes).
 
-
-def use_compiled_kernels(enable: bool = True) -> None:
-    """Run the explicit-backward path's forward and backward through ``torch.compile`` (dynamic shapes).
-
-    The first call of each compiles C++/OpenMP kernels with Inductor (tens of seconds);
-    later calls of any size reuse them.
+    Compiled once per process on the first call (about a minute of CPU), then reused for any size.
     """
-    _COMPILED.clear()
-    if enable:
-        _COMPILED.append((torch.compile(aev_from_vectors, dynamic=True), torch.compile(aev_vjp, dynamic=True)))
+    if not _COMPILED_KERNELS:
+        _COMPILED_KERNELS.append((torch.compile(aev_from_vectors, dynamic=True), torch.compile(aev_vjp, dynamic=True)))
+    return _COMPILED_KERNELS[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The C++ kernel (aev_cpu.cpp): built on first use with torch.utils.cpp_extension, cached in
+# torch's extension directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
+# ----------------------------------------------------------------------------------------
+
+_CPP_STATE: dict = {}
+
+
+def load_cpp_extension(build: bool = True) -> bool:
+    """Load the C++/OpenMP AEV ops (``torch.ops.nnpq_aev``), compiling them if ``build``; True on success.
+
+    The first build takes about 30 s of CPU (g++); later processes load the cached library.
+    Failures (no compiler) are remembered and reported by `cpp_extension_error`.
+    """
+    if "loaded" in _CPP_STATE:
+        return _CPP_STATE["loaded"]
+    if not build:
+        return False
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load_inline
+
+    source = (Path(__file__).with_name("aev_cpu.cpp")).read_text()
+    try:
+        load_inline("nnpq_aev", cpp_sources=[source], is_python_module=False, extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
+        _CPP_STATE["loaded"] = False
+        _CPP_STATE["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return False
+    _CPP_STATE["loaded"] = True
+    # The op exists now: let TorchScript compile the method that calls it.
+    torch.jit.export(FastAEV._cpp_forward)
+    return True
+
+
+def cpp_extension_error() -> Optional[str]:
+    """Why the C++ kernel could not be built, if it could not."""
+    return _CPP_STATE.get("error")
 
 
 # ----------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------
 
+BACKENDS = ("auto", "cpp", "compile", "torch", "autograd")
+
+
 class FastAEV(torch.nn.Module):
-    """TorchANI's ANI AEV for one structure, with a cell-list neighbour list and explicit backward.
+    """TorchANI's ANI AEV for one structure, with its own neighbour list and explicit backward.
 
     ``forward(species (N,) int64 element indices in model order, positions (N, 3) Å,
     cell (3, 3) Å or None) -> (N, F)`` AEV, differentiable with respect to positions.
-    On CUDA, TorchANI's cuAEV runs when it is installed; elsewhere the pure-torch path.
+
+    Backends on the CPU: ``cpp`` (C++/OpenMP kernel, the default when it builds), ``compile``
+    (the torch kernels through ``torch.compile``), ``torch`` (vectorized torch, explicit
+    backward: the reference), ``autograd`` (the same forward with plain autograd; this is what
+    runs under ``torch.jit.script`` unless the C++ kernel is loaded). On CUDA: TorchANI's cuAEV
+    when it is installed, else the ``torch`` path.
     """
 
     num_species: int
     num_pairs: int
     radial_cutoff: float
     angular_cutoff: float
-    explicit_backward: bool
+    backend: str
     use_cuaev: bool
 
     def __init__(self, radial_eta: float, radial_shifts: Tensor, radial_cutoff: float, angular_eta: float,
                  angular_zeta: float, angular_shifts: Tensor, angular_sections: Tensor, angular_cutoff: float,
-                 num_species: int, triu_index: Tensor, explicit_backward: bool = True) -> None:
+                 num_species: int, triu_index: Tensor, backend: str = "auto") -> None:
         super().__init__()
         if angular_cutoff > radial_cutoff:
             raise NnpqError(f"angular cutoff {angular_cutoff} exceeds radial cutoff {radial_cutoff}: "
@@ -309,20 +357,39 @@ class FastAEV(torch.nn.Module):
         self.num_pairs = self.num_species * (self.num_species + 1) // 2
         self.radial_cutoff = float(radial_cutoff)
         self.angular_cutoff = float(angular_cutoff)
-        self.explicit_backward = bool(explicit_backward)
         self.use_cuaev = False
-        sections = angular_sections.to(torch.float64)
-        self.register_buffer("etas", torch.tensor([radial_eta, angular_eta, angular_zeta], dtype=torch.float32))
-        self.register_buffer("shift_r", radial_shifts.to(torch.float32).clone())
-        self.register_buffer("shift_a", angular_shifts.to(torch.float32).clone())
-        self.register_buffer("cos_sec", torch.cos(sections).to(torch.float32))
-        self.register_buffer("sin_sec", torch.sin(sections).to(torch.float32))
+        f64 = torch.float64
+        sections = angular_sections.to(f64)
+        self.register_buffer("etas", torch.tensor([radial_eta, angular_eta, angular_zeta], dtype=f64))
+        self.register_buffer("shift_r", radial_shifts.to(f64).clone())
+        self.register_buffer("shift_a", angular_shifts.to(f64).clone())
+        self.register_buffer("cos_sec", torch.cos(sections))
+        self.register_buffer("sin_sec", torch.sin(sections))
         self.register_buffer("triu_index", triu_index.to(torch.long).clone())
-        self.out_dim = self.num_species * len(radial_shifts) + self.num_pairs * len(angular_shifts) * len(
-            angular_sections)
+        counts = torch.tensor([len(radial_shifts), len(angular_shifts), len(sections)], dtype=f64)
+        self.register_buffer("params", torch.cat([self.etas, counts, self.shift_r, self.shift_a, self.cos_sec,
+                                                  self.sin_sec]))
+        self.out_dim = self.num_species * len(radial_shifts) + self.num_pairs * len(angular_shifts) * len(sections)
+        self.backend = "torch"
+        self.set_backend(backend)
+
+    @torch.jit.unused
+    def set_backend(self, backend: str) -> None:
+        """Choose the CPU backend (see the class docstring); ``auto`` is ``cpp`` if it builds, else ``torch``."""
+        if backend not in BACKENDS:
+            raise NnpqError(f"unknown AEV backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if backend in ("auto", "cpp"):
+            if load_cpp_extension():
+                backend = "cpp"
+            elif backend == "cpp":
+                raise NnpqError(f"the C++ AEV kernel did not build ({cpp_extension_error()}): install g++ or use "
+                                "backend='torch'")
+            else:
+                backend = "torch"
+        self.backend = backend
 
     @classmethod
-    def from_torchani(cls, aev_computer: torch.nn.Module, explicit_backward: bool = True) -> "FastAEV":
+    def from_torchani(cls, aev_computer: torch.nn.Module, backend: str = "auto") -> "FastAEV":
         """Copy the constants of a TorchANI 2.9 ``AEVComputer`` (ANI radial/angular terms, cosine cutoff)."""
         from torchani.aev._terms import ANIAngular, ANIRadial
         from torchani.cutoffs import CutoffCosine
@@ -336,7 +403,7 @@ class FastAEV(torch.nn.Module):
         module = cls(float(radial.eta.item()), radial.shifts.detach().cpu(), float(radial.cutoff),
                      float(angular.eta.item()), float(angular.zeta.item()), angular.shifts.detach().cpu(),
                      angular.sections.detach().cpu(), float(angular.cutoff), int(aev_computer.num_species),
-                     aev_computer.triu_index.detach().cpu(), explicit_backward)
+                     aev_computer.triu_index.detach().cpu(), backend)
         if CUAEV_IS_INSTALLED:
             cuaev = copy.deepcopy(aev_computer)
             cuaev.set_strategy("cuaev")
@@ -372,12 +439,12 @@ class FastAEV(torch.nn.Module):
 
     def compute(self, species: Tensor, positions: Tensor, vectors: Tensor, rad_index: Tensor, tri_a: Tensor,
                 tri_b: Tensor, tri_index: Tensor) -> Tensor:
-        """The AEV from pair vectors: explicit backward in eager mode, plain autograd under TorchScript."""
+        """The AEV from pair vectors and index lists with the torch kernels (explicit backward in eager mode)."""
         n_atoms = species.shape[0]
         dt = positions.dtype
         etas, shift_r, shift_a = self.etas.to(dt), self.shift_r.to(dt), self.shift_a.to(dt)
         cos_sec, sin_sec = self.cos_sec.to(dt), self.sin_sec.to(dt)
-        if torch.jit.is_scripting() or not self.explicit_backward:
+        if torch.jit.is_scripting() or self.backend == "autograd":
             return aev_from_vectors(vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas, shift_r, shift_a,
                                     cos_sec, sin_sec, self.radial_cutoff, self.angular_cutoff, self.num_species,
                                     self.num_pairs)[0]
@@ -388,9 +455,19 @@ class FastAEV(torch.nn.Module):
     def _explicit(self, vectors: Tensor, rad_index: Tensor, tri_a: Tensor, tri_b: Tensor, tri_index: Tensor,
                   n_atoms: int, etas: Tensor, shift_r: Tensor, shift_a: Tensor, cos_sec: Tensor,
                   sin_sec: Tensor) -> Tensor:
-        return _AEVFunction.apply(vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas, shift_r, shift_a,
-                                  cos_sec, sin_sec, self.radial_cutoff, self.angular_cutoff, self.num_species,
-                                  self.num_pairs)
+        kernels = compiled_kernels() if self.backend == "compile" else _EAGER_KERNELS
+        return _AEVFunction.apply(kernels, vectors, rad_index, tri_a, tri_b, tri_index, n_atoms, etas, shift_r,
+                                  shift_a, cos_sec, sin_sec, self.radial_cutoff, self.angular_cutoff,
+                                  self.num_species, self.num_pairs)
+
+    @torch.jit.unused  # exported by `load_cpp_extension` once the ops exist
+    def _cpp_forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor]) -> Tensor:
+        offsets, nbr, shift = torch.ops.nnpq_aev.neighbors(positions, cell, self.radial_cutoff)
+        counts = offsets[1:] - offsets[:-1]
+        centers = torch.repeat_interleave(torch.arange(species.shape[0], device=positions.device), counts)
+        vectors = positions.index_select(0, nbr) - positions.index_select(0, centers) + shift
+        return torch.ops.nnpq_aev.aev(vectors, offsets, nbr, species, self.params, self.triu_index,
+                                      self.radial_cutoff, self.angular_cutoff)
 
     @_unused_if_no_cuaev
     def _cuaev_forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor]) -> Tensor:
@@ -401,8 +478,11 @@ class FastAEV(torch.nn.Module):
 
     def forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor] = None) -> Tensor:
         self.check_inputs(species, positions, cell)
-        if self.use_cuaev and positions.is_cuda:
-            return self._cuaev_forward(species, positions, cell)
+        if positions.is_cuda:
+            if self.use_cuaev:
+                return self._cuaev_forward(species, positions, cell)
+        elif self.backend == "cpp":
+            return self._cpp_forward(species, positions, cell)
         i, j, shift, d = neighbor_pairs(positions, cell, self.radial_cutoff)
         rad_index, tri_a, tri_b, tri_index = self.index_lists(species, i, j, d, self.angular_cutoff)
         vectors = positions.index_select(0, j) - positions.index_select(0, i) + shift
