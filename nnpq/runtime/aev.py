@@ -302,7 +302,7 @@ def load_cpp_extension(build: bool = True) -> bool:
 
     source = (Path(__file__).with_name("aev_cpu.cpp")).read_text()
     try:
-        load_inline("nnpq_aev", cpp_sources=[source], is_python_module=False, extra_cflags=["-O3", "-fopenmp"],
+        load_inline("nnpq_aev", cpp_sources=[source], is_python_module=False, extra_cflags=["-O3", "-fopenmp", "-ffast-math"],
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
         _CPP_STATE["loaded"] = False

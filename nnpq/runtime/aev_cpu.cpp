@@ -176,16 +176,18 @@ std::tuple<Tensor, Tensor, Tensor> neighbors(const Tensor& positions, const c10:
   return {offsets, nbr, shift.to(positions.scalar_type())};
 }
 
-inline double cut(double d, double rc) { return 0.5 * std::cos(d * (M_PI / rc)) + 0.5; }
-inline double dcut(double d, double rc) { return -0.5 * (M_PI / rc) * std::sin(d * (M_PI / rc)); }
+// Kernels compute in the storage type T (float32 for MD, float64 for finite-difference tests).
+template <typename T> inline T cut(T d, T rc) { return T(0.5) * std::cos(d * (T(M_PI) / rc)) + T(0.5); }
+template <typename T> inline T dcut(T d, T rc) { return T(-0.5) * (T(M_PI) / rc) * std::sin(d * (T(M_PI) / rc)); }
 
-struct Side { int64_t p; double v[3], d, f, df; int64_t s; };
+template <typename T> struct Side { int64_t p, s; T v[3], d, f, df; };
 
+// The neighbours of one centre inside the angular cutoff.
 template <typename T>
-void collect(const T* vec, const int64_t* j, const int64_t* sp, int64_t lo, int64_t hi, double ra, std::vector<Side>& out) {
+void collect(const T* vec, const int64_t* j, const int64_t* sp, int64_t lo, int64_t hi, T ra, std::vector<Side<T>>& out) {
   out.clear();
   for (int64_t p = lo; p < hi; ++p) {
-    Side e;
+    Side<T> e;
     e.p = p;
     for (int d = 0; d < 3; ++d) e.v[d] = vec[3 * p + d];
     e.d = std::sqrt(e.v[0] * e.v[0] + e.v[1] * e.v[1] + e.v[2] * e.v[2]);
@@ -195,97 +197,117 @@ void collect(const T* vec, const int64_t* j, const int64_t* sp, int64_t lo, int6
   }
 }
 
+// Constants in the compute type, sized by the model.
+template <typename T> struct KT {
+  T eta_r, eta_a, zeta, rc, ra;
+  std::vector<T> shr, sha, cs, sn;
+  explicit KT(const Consts& k) : eta_r(k.eta_r), eta_a(k.eta_a), zeta(k.zeta), rc(k.rc), ra(k.ra),
+      shr(k.shr.begin(), k.shr.end()), sha(k.sha.begin(), k.sha.end()), cs(k.cs.begin(), k.cs.end()), sn(k.sn.begin(), k.sn.end()) {}
+};
+
+// Angle terms of one triple: half[z] = (1 + cos(theta - theta_z)) / 2, an[z] = 2 half^zeta, ex[q] = exp(-eta (mean - shift_q)^2).
+template <typename T>
+inline void triple_terms(const Consts& k, const KT<T>& t, T c, T s, T mean, T* half, T* an, T* ex) {
+#pragma omp simd
+  for (int64_t z = 0; z < k.n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
+#pragma omp simd
+  for (int64_t z = 0; z < k.n_sec; ++z) an[z] = T(2) * std::exp(t.zeta * std::log(half[z]));
+#pragma omp simd
+  for (int64_t q = 0; q < k.n_as; ++q) ex[q] = std::exp(-t.eta_a * (mean - t.sha[q]) * (mean - t.sha[q]));
+}
+
 template <typename T>
 void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* out) {
+  const KT<T> t(k);
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
-    std::vector<Side> side;
-    std::vector<double> row(k.width), ex(k.n_as), an(k.n_sec);
+    std::vector<Side<T>> side;
+    std::vector<T> ex(k.n_as), an(k.n_sec), half(k.n_sec), rad(k.n_rs);
     for (int64_t i = lo; i < hi; ++i) {
-      std::fill(row.begin(), row.end(), 0.0);
+      T* row = out + i * k.width;
+      std::fill(row, row + k.width, T(0));
       for (int64_t p = off[i]; p < off[i + 1]; ++p) {
-        double d = std::sqrt((double)vec[3 * p] * vec[3 * p] + (double)vec[3 * p + 1] * vec[3 * p + 1] + (double)vec[3 * p + 2] * vec[3 * p + 2]);
-        if (d > k.rc) continue;
-        double fc = 0.25 * cut(d, k.rc);
-        double* r = row.data() + sp[j[p]] * k.n_rs;
-        for (int64_t q = 0; q < k.n_rs; ++q) r[q] += std::exp(-k.eta_r * (d - k.shr[q]) * (d - k.shr[q])) * fc;
+        T d = std::sqrt(vec[3 * p] * vec[3 * p] + vec[3 * p + 1] * vec[3 * p + 1] + vec[3 * p + 2] * vec[3 * p + 2]);
+        if (d > t.rc) continue;
+        T fc = T(0.25) * cut(d, t.rc);
+#pragma omp simd
+        for (int64_t q = 0; q < k.n_rs; ++q) rad[q] = std::exp(-t.eta_r * (d - t.shr[q]) * (d - t.shr[q]));
+        T* r = row + sp[j[p]] * k.n_rs;
+        for (int64_t q = 0; q < k.n_rs; ++q) r[q] += rad[q] * fc;
       }
-      collect(vec, j, sp, off[i], off[i + 1], k.ra, side);
+      collect(vec, j, sp, off[i], off[i + 1], t.ra, side);
       for (size_t a = 1; a < side.size(); ++a)
         for (size_t b = 0; b < a; ++b) {
-          const Side &A = side[a], &B = side[b];
-          double cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) / std::max(A.d * B.d, 1e-10);
-          double c = 0.95 * cosv, s = std::sqrt(1.0 - c * c), mean = 0.5 * (A.d + B.d), fab = A.f * B.f;
-          for (int64_t z = 0; z < k.n_sec; ++z) an[z] = 2.0 * std::pow(0.5 * (1.0 + c * k.cs[z] + s * k.sn[z]), k.zeta);
-          for (int64_t q = 0; q < k.n_as; ++q) ex[q] = std::exp(-k.eta_a * (mean - k.sha[q]) * (mean - k.sha[q])) * fab;
-          double* r = row.data() + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
-          for (int64_t q = 0; q < k.n_as; ++q)
-            for (int64_t z = 0; z < k.n_sec; ++z) r[q * k.n_sec + z] += ex[q] * an[z];
+          const Side<T> &A = side[a], &B = side[b];
+          T cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) / std::max(A.d * B.d, T(1e-10));
+          T c = T(0.95) * cosv;
+          triple_terms(k, t, c, std::sqrt(T(1) - c * c), T(0.5) * (A.d + B.d), half.data(), an.data(), ex.data());
+          T fab = A.f * B.f;
+          T* r = row + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
+          for (int64_t q = 0; q < k.n_as; ++q) {
+            T e = ex[q] * fab;
+            for (int64_t z = 0; z < k.n_sec; ++z) r[q * k.n_sec + z] += e * an[z];
+          }
         }
-      for (int64_t f = 0; f < k.width; ++f) out[i * k.width + f] = (T)row[f];
     }
   });
 }
 
 template <typename T>
 void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* gv) {
+  const KT<T> t(k);
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
-    std::vector<Side> side;
-    std::vector<double> acc, ex(k.n_as), an(k.n_sec), half(k.n_sec), gex(k.n_as), gan(k.n_sec);
+    std::vector<Side<T>> side;
+    std::vector<T> ex(k.n_as), an(k.n_sec), half(k.n_sec), gan(k.n_sec);
     for (int64_t i = lo; i < hi; ++i) {
       const T* gi = g + i * k.width;
-      const int64_t p0 = off[i], np = off[i + 1] - p0;
-      acc.assign(3 * np, 0.0);
+      const int64_t p0 = off[i];
+      T* acc = gv + 3 * p0;  // this centre's pairs: written by this thread only
       for (int64_t p = p0; p < off[i + 1]; ++p) {
-        double v[3] = {(double)vec[3 * p], (double)vec[3 * p + 1], (double)vec[3 * p + 2]};
-        double d = std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
-        if (d > k.rc) continue;
-        double fc = cut(d, k.rc), dfc = dcut(d, k.rc), gd = 0.0;
+        T v[3] = {vec[3 * p], vec[3 * p + 1], vec[3 * p + 2]};
+        T d = std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+        if (d > t.rc) continue;
+        T fc = cut(d, t.rc), dfc = dcut(d, t.rc), gd = 0;
         const T* gr = gi + sp[j[p]] * k.n_rs;
         for (int64_t q = 0; q < k.n_rs; ++q) {
-          double e = 0.25 * std::exp(-k.eta_r * (d - k.shr[q]) * (d - k.shr[q]));
-          gd += gr[q] * e * (fc * (-2.0 * k.eta_r) * (d - k.shr[q]) + dfc);
+          T e = T(0.25) * std::exp(-t.eta_r * (d - t.shr[q]) * (d - t.shr[q]));
+          gd += gr[q] * e * (fc * T(-2) * t.eta_r * (d - t.shr[q]) + dfc);
         }
         for (int dd = 0; dd < 3; ++dd) acc[3 * (p - p0) + dd] += gd * v[dd] / d;
       }
-      collect(vec, j, sp, p0, off[i + 1], k.ra, side);
+      collect(vec, j, sp, p0, off[i + 1], t.ra, side);
       for (size_t a = 1; a < side.size(); ++a)
         for (size_t b = 0; b < a; ++b) {
-          const Side &A = side[a], &B = side[b];
-          double inv_ab = 1.0 / std::max(A.d * B.d, 1e-10);
-          double cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) * inv_ab;
-          double c = 0.95 * cosv, s = std::sqrt(1.0 - c * c), mean = 0.5 * (A.d + B.d), fab = A.f * B.f;
-          for (int64_t z = 0; z < k.n_sec; ++z) {
-            half[z] = 0.5 * (1.0 + c * k.cs[z] + s * k.sn[z]);
-            an[z] = 2.0 * std::pow(half[z], k.zeta);
-            gan[z] = 0.0;
-          }
-          for (int64_t q = 0; q < k.n_as; ++q) ex[q] = std::exp(-k.eta_a * (mean - k.sha[q]) * (mean - k.sha[q]));
+          const Side<T> &A = side[a], &B = side[b];
+          T inv_ab = T(1) / std::max(A.d * B.d, T(1e-10));
+          T cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) * inv_ab;
+          T c = T(0.95) * cosv, s = std::sqrt(T(1) - c * c), mean = T(0.5) * (A.d + B.d), fab = A.f * B.f;
+          triple_terms(k, t, c, s, mean, half.data(), an.data(), ex.data());
           const T* G = gi + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
-          double g_fab = 0.0, g_mean = 0.0;
+          std::fill(gan.begin(), gan.end(), T(0));
+          T g_fab = 0, g_mean = 0;
           for (int64_t q = 0; q < k.n_as; ++q) {
-            double t = 0.0;
+            T u = 0;
             for (int64_t z = 0; z < k.n_sec; ++z) {
-              t += G[q * k.n_sec + z] * an[z];
+              u += G[q * k.n_sec + z] * an[z];
               gan[z] += G[q * k.n_sec + z] * ex[q];
             }
-            t *= ex[q];
-            g_fab += t;
-            g_mean += t * (mean - k.sha[q]);
+            u *= ex[q];
+            g_fab += u;
+            g_mean += u * (mean - t.sha[q]);
           }
-          g_mean *= -k.eta_a * fab;
-          double g_cos = 0.0;
-          for (int64_t z = 0; z < k.n_sec; ++z) g_cos += gan[z] * fab * an[z] / half[z] * (k.cs[z] - k.sn[z] * c / s);
-          g_cos *= 0.475 * k.zeta;
-          double g_da = g_mean + g_fab * A.df * B.f, g_db = g_mean + g_fab * A.f * B.df;
-          double ca = (g_da - g_cos * cosv / A.d) / A.d, cb = (g_db - g_cos * cosv / B.d) / B.d, gc = g_cos * inv_ab;
-          double* ga = acc.data() + 3 * (A.p - p0);
-          double* gb = acc.data() + 3 * (B.p - p0);
+          g_mean *= -t.eta_a * fab;
+          T g_cos = 0;  // d an / d cos = zeta an / half * (cs - sn c / s) / 2 * 0.95
+          for (int64_t z = 0; z < k.n_sec; ++z) g_cos += gan[z] * an[z] / half[z] * (t.cs[z] - t.sn[z] * c / s);
+          g_cos *= T(0.475) * t.zeta * fab;
+          T g_da = g_mean + g_fab * A.df * B.f, g_db = g_mean + g_fab * A.f * B.df;
+          T ca = (g_da - g_cos * cosv / A.d) / A.d, cb = (g_db - g_cos * cosv / B.d) / B.d, gc = g_cos * inv_ab;
+          T* ga = acc + 3 * (A.p - p0);
+          T* gb = acc + 3 * (B.p - p0);
           for (int dd = 0; dd < 3; ++dd) {
             ga[dd] += ca * A.v[dd] + gc * B.v[dd];
             gb[dd] += cb * B.v[dd] + gc * A.v[dd];
           }
         }
-      for (int64_t q = 0; q < 3 * np; ++q) gv[3 * p0 + q] = (T)acc[q];
     }
   });
 }
