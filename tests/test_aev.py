@@ -36,15 +36,15 @@ def _structure(ani2x, name):
 
 
 def _triclinic(ani2x, outside: bool):
-    """200 water-box atoms in a sheared 11-12 Å cell (below twice the 5.1 Å cutoff: several images
+    """150 water-box atoms in a sheared 11-12 Å cell (below twice the 5.1 Å cutoff: several images
     of one neighbour, and of an atom itself, fall inside the cutoff); optionally atoms moved outside."""
     species, pos, _ = _structure(ani2x, "water-box")
-    species, frac = species[:200], pos[:200] / 17.591
+    species, frac = species[:150], pos[:150] / 17.591
     cell = torch.tensor([[11.0, 0.0, 0.0], [3.1, 11.5, 0.0], [-2.2, 2.9, 12.0]])
     pos = frac @ cell
     if outside:
         gen = torch.Generator().manual_seed(0)
-        moved = torch.randint(-1, 2, (200, 3), generator=gen).float()  # float32 loses digits further out
+        moved = torch.randint(-1, 2, (150, 3), generator=gen).float()  # float32 loses digits further out
         moved[::2] = 0
         pos = pos + moved @ cell + 0.01 * torch.randn(200, 3, generator=gen)
     return species, pos, cell
@@ -182,3 +182,40 @@ def test_bad_input_is_one_line_error(ani2x):
         module(torch.zeros(3, dtype=torch.long), torch.zeros(3, 3), torch.eye(2))
     with pytest.raises(NnpqError, match="backend"):
         FastAEV.from_torchani(ani2x[1], backend="fortran")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_padded_step_is_one_graph_replay(ani2x):
+    species, pos, cell = _structure(ani2x, "water-box")
+    grad_out = torch.randn(len(species), 1008, generator=torch.Generator().manual_seed(6))
+    ref_aev, ref_grad = _ours(FastAEV.from_torchani(ani2x[1], backend="torch"), species, pos, cell, grad_out)
+    dev = torch.device("cuda")
+    module = FastAEV.from_torchani(ani2x[1], backend="torch").to(dev)
+    species, pos, cell, grad_out = species.to(dev), pos.to(dev), cell.to(dev), grad_out.to(dev)
+    aev, grad = _ours(module, species, pos, cell, grad_out)
+    torch.testing.assert_close(aev.cpu(), ref_aev, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.cpu(), ref_grad, atol=1e-4, rtol=1e-4)
+
+    padded = module.capture_friendly(skin=0.5)
+    padded.update_neighbors(species, pos, cell)
+    static = pos.clone().requires_grad_(True)
+
+    def step():
+        return torch.autograd.grad(padded.compute(species, static), static, grad_out)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_grad = step()
+    moved = pos + 0.1 * (torch.rand_like(pos) - 0.5)
+    assert not padded.needs_rebuild(species, moved, cell)
+    with torch.no_grad():
+        static.copy_(moved)
+    graph.replay()
+    _, expected = _ours(module, species, moved, cell, grad_out)
+    torch.testing.assert_close(graph_grad, expected, atol=1e-4, rtol=1e-4)

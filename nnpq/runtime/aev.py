@@ -309,8 +309,6 @@ def load_cpp_extension(build: bool = True) -> bool:
         _CPP_STATE["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return False
     _CPP_STATE["loaded"] = True
-    # The op exists now: let TorchScript compile the method that calls it.
-    torch.jit.export(FastAEV._cpp_forward)
     return True
 
 
@@ -387,6 +385,9 @@ class FastAEV(torch.nn.Module):
             else:
                 backend = "torch"
         self.backend = backend
+        # TorchScript compiles per class: only `_CppFastAEV`, whose instances exist once the ops are
+        # loaded, holds a scriptable method that calls them.
+        self.__class__ = _CppFastAEV if backend == "cpp" else FastAEV
 
     @classmethod
     def from_torchani(cls, aev_computer: torch.nn.Module, backend: str = "auto") -> "FastAEV":
@@ -460,14 +461,9 @@ class FastAEV(torch.nn.Module):
                                   shift_a, cos_sec, sin_sec, self.radial_cutoff, self.angular_cutoff,
                                   self.num_species, self.num_pairs)
 
-    @torch.jit.unused  # exported by `load_cpp_extension` once the ops exist
+    @torch.jit.unused
     def _cpp_forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor]) -> Tensor:
-        offsets, nbr, shift = torch.ops.nnpq_aev.neighbors(positions, cell, self.radial_cutoff)
-        counts = offsets[1:] - offsets[:-1]
-        centers = torch.repeat_interleave(torch.arange(species.shape[0], device=positions.device), counts)
-        vectors = positions.index_select(0, nbr) - positions.index_select(0, centers) + shift
-        return torch.ops.nnpq_aev.aev(vectors, offsets, nbr, species, self.params, self.triu_index,
-                                      self.radial_cutoff, self.angular_cutoff)
+        raise NnpqError("the C++ AEV kernel is not loaded: use FastAEV(..., backend='cpp')")
 
     @_unused_if_no_cuaev
     def _cuaev_forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor]) -> Tensor:
@@ -487,6 +483,18 @@ class FastAEV(torch.nn.Module):
         rad_index, tri_a, tri_b, tri_index = self.index_lists(species, i, j, d, self.angular_cutoff)
         vectors = positions.index_select(0, j) - positions.index_select(0, i) + shift
         return self.compute(species, positions, vectors, rad_index, tri_a, tri_b, tri_index)
+
+
+class _CppFastAEV(FastAEV):
+    """`FastAEV` whose CPU path is the C++ kernel (``torch.ops.nnpq_aev``), also under TorchScript."""
+
+    def _cpp_forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor]) -> Tensor:
+        offsets, nbr, shift = torch.ops.nnpq_aev.neighbors(positions, cell, self.radial_cutoff)
+        counts = offsets[1:] - offsets[:-1]
+        centers = torch.repeat_interleave(torch.arange(species.shape[0], device=positions.device), counts)
+        vectors = positions.index_select(0, nbr) - positions.index_select(0, centers) + shift
+        return torch.ops.nnpq_aev.aev(vectors, offsets, nbr, species, self.params, self.triu_index,
+                                      self.radial_cutoff, self.angular_cutoff)
 
 
 class PaddedAEV(torch.nn.Module):

@@ -182,6 +182,8 @@ template <typename T> inline T dcut(T d, T rc) { return T(-0.5) * (T(M_PI) / rc)
 
 template <typename T> struct Side { int64_t p, s; T v[3], d, f, df; };
 
+template <typename T> inline T norm3(const T* v) { return std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]); }
+
 // The neighbours of one centre inside the angular cutoff.
 template <typename T>
 void collect(const T* vec, const int64_t* j, const int64_t* sp, int64_t lo, int64_t hi, T ra, std::vector<Side<T>>& out) {
@@ -190,7 +192,7 @@ void collect(const T* vec, const int64_t* j, const int64_t* sp, int64_t lo, int6
     Side<T> e;
     e.p = p;
     for (int d = 0; d < 3; ++d) e.v[d] = vec[3 * p + d];
-    e.d = std::sqrt(e.v[0] * e.v[0] + e.v[1] * e.v[1] + e.v[2] * e.v[2]);
+    e.d = norm3(e.v);
     if (e.d > ra) continue;
     e.f = cut(e.d, ra); e.df = dcut(e.d, ra); e.s = sp[j[p]];
     out.push_back(e);
@@ -217,7 +219,9 @@ inline void triple_terms(const Consts& k, const KT<T>& t, T c, T s, T mean, T* h
 }
 
 template <typename T>
-void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* out) {
+void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* out,
+                    T* cache, const int64_t* tri_off) {
+  const int64_t stride = k.n_sec + k.n_as;
   const KT<T> t(k);
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
     std::vector<Side<T>> side;
@@ -235,12 +239,18 @@ void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int
         for (int64_t q = 0; q < k.n_rs; ++q) r[q] += rad[q] * fc;
       }
       collect(vec, j, sp, off[i], off[i + 1], t.ra, side);
+      T* slot = cache ? cache + tri_off[i] * stride : nullptr;
       for (size_t a = 1; a < side.size(); ++a)
         for (size_t b = 0; b < a; ++b) {
           const Side<T> &A = side[a], &B = side[b];
           T cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) / std::max(A.d * B.d, T(1e-10));
           T c = T(0.95) * cosv;
           triple_terms(k, t, c, std::sqrt(T(1) - c * c), T(0.5) * (A.d + B.d), half.data(), an.data(), ex.data());
+          if (slot) {
+            std::copy(an.begin(), an.end(), slot);
+            std::copy(ex.begin(), ex.end(), slot + k.n_sec);
+            slot += stride;
+          }
           T fab = A.f * B.f;
           T* r = row + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
           for (int64_t q = 0; q < k.n_as; ++q) {
@@ -253,7 +263,9 @@ void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int
 }
 
 template <typename T>
-void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* gv) {
+void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* gv,
+                     const T* cache, const int64_t* tri_off) {
+  const int64_t stride = k.n_sec + k.n_as;
   const KT<T> t(k);
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
     std::vector<Side<T>> side;
@@ -275,13 +287,21 @@ void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* o
         for (int dd = 0; dd < 3; ++dd) acc[3 * (p - p0) + dd] += gd * v[dd] / d;
       }
       collect(vec, j, sp, p0, off[i + 1], t.ra, side);
+      const T* slot = cache ? cache + tri_off[i] * stride : nullptr;
       for (size_t a = 1; a < side.size(); ++a)
         for (size_t b = 0; b < a; ++b) {
           const Side<T> &A = side[a], &B = side[b];
           T inv_ab = T(1) / std::max(A.d * B.d, T(1e-10));
           T cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) * inv_ab;
           T c = T(0.95) * cosv, s = std::sqrt(T(1) - c * c), mean = T(0.5) * (A.d + B.d), fab = A.f * B.f;
-          triple_terms(k, t, c, s, mean, half.data(), an.data(), ex.data());
+          if (slot) {  // the forward's terms; half is cheap to redo
+            for (int64_t z = 0; z < k.n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
+            std::copy(slot, slot + k.n_sec, an.begin());
+            std::copy(slot + k.n_sec, slot + stride, ex.begin());
+            slot += stride;
+          } else {
+            triple_terms(k, t, c, s, mean, half.data(), an.data(), ex.data());
+          }
           const T* G = gi + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
           std::fill(gan.begin(), gan.end(), T(0));
           T g_fab = 0, g_mean = 0;
@@ -312,22 +332,51 @@ void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* o
   });
 }
 
-Tensor aev_forward(const Tensor& vectors, const Tensor& offsets, const Tensor& nbr, const Tensor& species,
-                   const Tensor& params, const Tensor& triu, double rc, double ra) {
+// First triple of each centre in the order the kernels visit them (N+1 offsets).
+template <typename T>
+Tensor triple_offsets(const T* vec, const int64_t* off, int64_t n, T ra) {
+  auto tri = at::empty({n + 1}, at::kLong);
+  int64_t* t = tri.data_ptr<int64_t>();
+  t[0] = 0;
+  at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      int64_t m = 0;
+      for (int64_t p = off[i]; p < off[i + 1]; ++p) m += norm3(vec + 3 * p) <= ra;
+      t[i + 1] = m * (m - 1) / 2;
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) t[i + 1] += t[i];
+  return tri;
+}
+
+// The AEV; with `keep`, also the per-triple angle/Gaussian terms and triple offsets for the backward.
+std::tuple<Tensor, Tensor, Tensor> aev_forward(const Tensor& vectors, const Tensor& offsets, const Tensor& nbr,
+                                               const Tensor& species, const Tensor& params, const Tensor& triu,
+                                               double rc, double ra, bool keep) {
   Consts k = unpack(params, triu, rc, ra);
   auto vec = vectors.contiguous();
   auto off = offsets.contiguous(), j = nbr.contiguous(), sp = species.to(at::kLong).contiguous();
   const int64_t n = sp.size(0);
   auto out = at::empty({n, k.width}, vectors.options());
+  Tensor cache, tri;
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "nnpq_aev_forward", [&] {
+    scalar_t* cp = nullptr;
+    const int64_t* tp = nullptr;
+    if (keep) {
+      tri = triple_offsets<scalar_t>(vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), n, (scalar_t)ra);
+      cache = at::empty({tri[n].item<int64_t>(), k.n_sec + k.n_as}, vectors.options());
+      cp = cache.data_ptr<scalar_t>();
+      tp = tri.data_ptr<int64_t>();
+    }
     forward_kernel<scalar_t>(k, vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), j.data_ptr<int64_t>(),
-                             sp.data_ptr<int64_t>(), n, out.data_ptr<scalar_t>());
+                             sp.data_ptr<int64_t>(), n, out.data_ptr<scalar_t>(), cp, tp);
   });
-  return out;
+  return {out, cache, tri};
 }
 
 Tensor aev_backward(const Tensor& grad, const Tensor& vectors, const Tensor& offsets, const Tensor& nbr,
-                    const Tensor& species, const Tensor& params, const Tensor& triu, double rc, double ra) {
+                    const Tensor& species, const Tensor& params, const Tensor& triu, double rc, double ra,
+                    const Tensor& cache, const Tensor& tri) {
   Consts k = unpack(params, triu, rc, ra);
   auto vec = vectors.contiguous();
   auto g = grad.to(vectors.scalar_type()).contiguous();
@@ -336,7 +385,8 @@ Tensor aev_backward(const Tensor& grad, const Tensor& vectors, const Tensor& off
   auto gv = at::zeros_like(vec);
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "nnpq_aev_backward", [&] {
     backward_kernel<scalar_t>(k, g.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
-                              j.data_ptr<int64_t>(), sp.data_ptr<int64_t>(), n, gv.data_ptr<scalar_t>());
+                              j.data_ptr<int64_t>(), sp.data_ptr<int64_t>(), n, gv.data_ptr<scalar_t>(),
+                              cache.data_ptr<scalar_t>(), tri.data_ptr<int64_t>());
   });
   return gv;
 }
@@ -347,16 +397,18 @@ using torch::autograd::variable_list;
 struct AEVFunction : public torch::autograd::Function<AEVFunction> {
   static Tensor forward(AutogradContext* ctx, Tensor vectors, Tensor offsets, Tensor nbr, Tensor species,
                         Tensor params, Tensor triu, double rc, double ra) {
-    ctx->save_for_backward({vectors, offsets, nbr, species, params, triu});
+    const bool keep = vectors.requires_grad();
     ctx->saved_data["rc"] = rc;
     ctx->saved_data["ra"] = ra;
     at::AutoDispatchBelowADInplaceOrView guard;
-    return aev_forward(vectors, offsets, nbr, species, params, triu, rc, ra);
+    auto [out, cache, tri] = aev_forward(vectors, offsets, nbr, species, params, triu, rc, ra, keep);
+    if (keep) ctx->save_for_backward({vectors, offsets, nbr, species, params, triu, cache, tri});
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     auto gv = aev_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["rc"].toDouble(),
-                           ctx->saved_data["ra"].toDouble());
+                           ctx->saved_data["ra"].toDouble(), s[6], s[7]);
     return {gv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
