@@ -46,7 +46,7 @@ def _triclinic(ani2x, outside: bool):
         gen = torch.Generator().manual_seed(0)
         moved = torch.randint(-1, 2, (150, 3), generator=gen).float()  # float32 loses digits further out
         moved[::2] = 0
-        pos = pos + moved @ cell + 0.01 * torch.randn(200, 3, generator=gen)
+        pos = pos + moved @ cell + 0.01 * torch.randn(150, 3, generator=gen)
     return species, pos, cell
 
 
