@@ -1,31 +1,32 @@
 """ANI atomic environment vectors (AEVs) and their neighbour lists on a fast path.
 
-`FastAEV` computes exactly what TorchANI 2.9's ``AEVComputer`` computes (same constants,
-feature order and the 0.95 factor inside the angle), for one structure: species ``(N,)``
-element indices in model order, positions ``(N, 3)`` in Å, an optional ``(3, 3)`` cell in Å
-(rows are the lattice vectors; full 3D periodicity, any triclinic cell, atoms may lie
-outside it). The AEV is ``(N, radial + angular)`` float32, radial block species-major
-(species x radial shifts), then the angular block (triu species-pair x radial shifts x
-angle sections).
+`FastAEV` computes what TorchANI 2.9's ``AEVComputer`` computes (same constants, feature
+order, 0.25 radial factor, ``acos(0.95 cos)`` angle, cosine cutoffs), to float rounding, for
+one structure: species ``(N,)`` element indices in model order, positions ``(N, 3)`` in Å, an
+optional ``(3, 3)`` cell in Å (rows are the lattice vectors; full 3D periodicity, any
+triclinic cell, atoms may lie outside it). The AEV is ``(N, F)`` in the positions' dtype:
+the radial block species-major (species x radial shifts), then the angular block (triu
+species pair x radial shifts x angle sections). It is differentiable with respect to the
+positions through an exact hand-written vector-Jacobian product (first order).
 
-Why it is faster than TorchANI's ``pyaev``:
+CPU backends, fastest first:
 
-- one directed neighbour list sorted by centre atom (cell list, vectorized), from which the
-  angular triples are taken per centre without TorchANI's sort/unique pass;
-- the angle term is evaluated as ``cos(theta - theta_s) = c cos(theta_s) + sqrt(1 - c^2)
-  sin(theta_s)`` (c = 0.95 cos(angle)), with no ``acos``/``cos`` per feature;
-- a hand-written backward (`_AEVFunction`) that maps dE/dAEV to dE/d(pair vectors) with a
-  few dense ops per pair and per triple, instead of the generic autograd graph of ~60 ops.
-
-TorchScript cannot hold an ``autograd.Function``: under ``torch.jit.script`` the same
-forward runs with plain autograd (identical values; slower backward).
+- ``cpp``: `aev_cpu.cpp`, a C++/OpenMP cell list, forward and backward registered as torch
+  ops (``torch.ops.nnpq_aev``) with a C++ autograd function, so TorchScript (openmm-torch's
+  TorchForce) runs it too. Built with g++ on first use and cached by torch.
+- ``compile``: the torch kernels below through ``torch.compile``.
+- ``torch``: vectorized torch with the explicit backward (`_AEVFunction`): the reference,
+  and the path on CUDA when TorchANI's cuAEV is not installed. The angle term is evaluated as
+  ``cos(theta - theta_s) = c cos(theta_s) + sqrt(1 - c^2) sin(theta_s)`` (c = 0.95 cos),
+  without ``acos``/``cos`` per feature.
+- ``autograd``: the same forward with plain autograd. TorchScript cannot hold an
+  ``autograd.Function``, so a scripted ``torch`` module runs this.
 
 `PaddedAEV` (from `FastAEV.capture_friendly`) keeps fixed-capacity neighbour buffers (a
 Verlet list with a skin, padded and masked) so that the AEV step has static shapes and can be
 captured in one CUDA graph; the buffers are refilled in place and reallocated only when a
 capacity is exceeded.
 """
-
 
 import copy
 import math
@@ -332,8 +333,8 @@ class FastAEV(torch.nn.Module):
 
     Backends on the CPU: ``cpp`` (C++/OpenMP kernel, the default when it builds), ``compile``
     (the torch kernels through ``torch.compile``), ``torch`` (vectorized torch, explicit
-    backward: the reference), ``autograd`` (the same forward with plain autograd; this is what
-    runs under ``torch.jit.script`` unless the C++ kernel is loaded). On CUDA: TorchANI's cuAEV
+    backward: the reference), ``autograd`` (the same forward with plain autograd; what a scripted
+    ``torch``/``autograd`` module runs; a scripted ``cpp`` module keeps the C++ kernel). On CUDA: TorchANI's cuAEV
     when it is installed, else the ``torch`` path.
     """
 
