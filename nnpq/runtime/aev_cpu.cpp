@@ -207,25 +207,31 @@ template <typename T> struct KT {
       shr(k.shr.begin(), k.shr.end()), sha(k.sha.begin(), k.sha.end()), cs(k.cs.begin(), k.cs.end()), sn(k.sn.begin(), k.sn.end()) {}
 };
 
+// Kernels are instantiated for ANI-2x's sizes (16 radial shifts, 8 angular shifts, 4 sections),
+// so the compiler unrolls the per-triple loops, and for any sizes (template arguments 0).
 // Angle terms of one triple: half[z] = (1 + cos(theta - theta_z)) / 2, an[z] = 2 half^zeta, ex[q] = exp(-eta (mean - shift_q)^2).
-template <typename T>
+template <typename T, int NR, int NA, int NZ>
 inline void triple_terms(const Consts& k, const KT<T>& t, T c, T s, T mean, T* half, T* an, T* ex) {
+  const int64_t n_rs = NR ? NR : n_rs, n_as = NA ? NA : n_as, n_sec = NZ ? NZ : n_sec;
+  (void)n_rs;
 #pragma omp simd
-  for (int64_t z = 0; z < k.n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
+  for (int64_t z = 0; z < n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
 #pragma omp simd
-  for (int64_t z = 0; z < k.n_sec; ++z) an[z] = T(2) * std::exp(t.zeta * std::log(half[z]));
+  for (int64_t z = 0; z < n_sec; ++z) an[z] = T(2) * std::exp(t.zeta * std::log(half[z]));
 #pragma omp simd
-  for (int64_t q = 0; q < k.n_as; ++q) ex[q] = std::exp(-t.eta_a * (mean - t.sha[q]) * (mean - t.sha[q]));
+  for (int64_t q = 0; q < n_as; ++q) ex[q] = std::exp(-t.eta_a * (mean - t.sha[q]) * (mean - t.sha[q]));
 }
 
-template <typename T>
+template <typename T, int NR, int NA, int NZ>
 void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* out,
                     T* cache, const int64_t* tri_off) {
-  const int64_t stride = k.n_sec + k.n_as;
+  const int64_t n_rs = NR ? NR : n_rs, n_as = NA ? NA : n_as, n_sec = NZ ? NZ : n_sec;
+  (void)n_rs;
+  const int64_t stride = n_sec + n_as;
   const KT<T> t(k);
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
     std::vector<Side<T>> side;
-    std::vector<T> ex(k.n_as), an(k.n_sec), half(k.n_sec), rad(k.n_rs);
+    std::vector<T> ex(n_as), an(n_sec), half(n_sec), rad(n_rs);
     for (int64_t i = lo; i < hi; ++i) {
       T* row = out + i * k.width;
       std::fill(row, row + k.width, T(0));
@@ -234,9 +240,9 @@ void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int
         if (d > t.rc) continue;
         T fc = T(0.25) * cut(d, t.rc);
 #pragma omp simd
-        for (int64_t q = 0; q < k.n_rs; ++q) rad[q] = std::exp(-t.eta_r * (d - t.shr[q]) * (d - t.shr[q]));
-        T* r = row + sp[j[p]] * k.n_rs;
-        for (int64_t q = 0; q < k.n_rs; ++q) r[q] += rad[q] * fc;
+        for (int64_t q = 0; q < n_rs; ++q) rad[q] = std::exp(-t.eta_r * (d - t.shr[q]) * (d - t.shr[q]));
+        T* r = row + sp[j[p]] * n_rs;
+        for (int64_t q = 0; q < n_rs; ++q) r[q] += rad[q] * fc;
       }
       collect(vec, j, sp, off[i], off[i + 1], t.ra, side);
       T* slot = cache ? cache + tri_off[i] * stride : nullptr;
@@ -245,31 +251,33 @@ void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int
           const Side<T> &A = side[a], &B = side[b];
           T cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) / std::max(A.d * B.d, T(1e-10));
           T c = T(0.95) * cosv;
-          triple_terms(k, t, c, std::sqrt(T(1) - c * c), T(0.5) * (A.d + B.d), half.data(), an.data(), ex.data());
+          triple_terms<T, NR, NA, NZ>(k, t, c, std::sqrt(T(1) - c * c), T(0.5) * (A.d + B.d), half.data(), an.data(), ex.data());
           if (slot) {
             std::copy(an.begin(), an.end(), slot);
-            std::copy(ex.begin(), ex.end(), slot + k.n_sec);
+            std::copy(ex.begin(), ex.end(), slot + n_sec);
             slot += stride;
           }
           T fab = A.f * B.f;
-          T* r = row + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
-          for (int64_t q = 0; q < k.n_as; ++q) {
+          T* r = row + k.n_rad + k.triu[A.s * k.ns + B.s] * (n_as * n_sec);
+          for (int64_t q = 0; q < n_as; ++q) {
             T e = ex[q] * fab;
-            for (int64_t z = 0; z < k.n_sec; ++z) r[q * k.n_sec + z] += e * an[z];
+            for (int64_t z = 0; z < n_sec; ++z) r[q * n_sec + z] += e * an[z];
           }
         }
     }
   });
 }
 
-template <typename T>
+template <typename T, int NR, int NA, int NZ>
 void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* gv,
                      const T* cache, const int64_t* tri_off) {
-  const int64_t stride = k.n_sec + k.n_as;
+  const int64_t n_rs = NR ? NR : n_rs, n_as = NA ? NA : n_as, n_sec = NZ ? NZ : n_sec;
+  (void)n_rs;
+  const int64_t stride = n_sec + n_as;
   const KT<T> t(k);
   at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
     std::vector<Side<T>> side;
-    std::vector<T> ex(k.n_as), an(k.n_sec), half(k.n_sec), gan(k.n_sec);
+    std::vector<T> ex(n_as), an(n_sec), half(n_sec), gan(n_sec);
     for (int64_t i = lo; i < hi; ++i) {
       const T* gi = g + i * k.width;
       const int64_t p0 = off[i];
@@ -279,8 +287,8 @@ void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* o
         T d = std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
         if (d > t.rc) continue;
         T fc = cut(d, t.rc), dfc = dcut(d, t.rc), gd = 0;
-        const T* gr = gi + sp[j[p]] * k.n_rs;
-        for (int64_t q = 0; q < k.n_rs; ++q) {
+        const T* gr = gi + sp[j[p]] * n_rs;
+        for (int64_t q = 0; q < n_rs; ++q) {
           T e = T(0.25) * std::exp(-t.eta_r * (d - t.shr[q]) * (d - t.shr[q]));
           gd += gr[q] * e * (fc * T(-2) * t.eta_r * (d - t.shr[q]) + dfc);
         }
@@ -295,21 +303,21 @@ void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* o
           T cosv = (A.v[0] * B.v[0] + A.v[1] * B.v[1] + A.v[2] * B.v[2]) * inv_ab;
           T c = T(0.95) * cosv, s = std::sqrt(T(1) - c * c), mean = T(0.5) * (A.d + B.d), fab = A.f * B.f;
           if (slot) {  // the forward's terms; half is cheap to redo
-            for (int64_t z = 0; z < k.n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
-            std::copy(slot, slot + k.n_sec, an.begin());
-            std::copy(slot + k.n_sec, slot + stride, ex.begin());
+            for (int64_t z = 0; z < n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
+            std::copy(slot, slot + n_sec, an.begin());
+            std::copy(slot + n_sec, slot + stride, ex.begin());
             slot += stride;
           } else {
-            triple_terms(k, t, c, s, mean, half.data(), an.data(), ex.data());
+            triple_terms<T, NR, NA, NZ>(k, t, c, s, mean, half.data(), an.data(), ex.data());
           }
-          const T* G = gi + k.n_rad + k.triu[A.s * k.ns + B.s] * k.n_ang_block;
+          const T* G = gi + k.n_rad + k.triu[A.s * k.ns + B.s] * (n_as * n_sec);
           std::fill(gan.begin(), gan.end(), T(0));
           T g_fab = 0, g_mean = 0;
-          for (int64_t q = 0; q < k.n_as; ++q) {
+          for (int64_t q = 0; q < n_as; ++q) {
             T u = 0;
-            for (int64_t z = 0; z < k.n_sec; ++z) {
-              u += G[q * k.n_sec + z] * an[z];
-              gan[z] += G[q * k.n_sec + z] * ex[q];
+            for (int64_t z = 0; z < n_sec; ++z) {
+              u += G[q * n_sec + z] * an[z];
+              gan[z] += G[q * n_sec + z] * ex[q];
             }
             u *= ex[q];
             g_fab += u;
@@ -317,7 +325,7 @@ void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* o
           }
           g_mean *= -t.eta_a * fab;
           T g_cos = 0;  // d an / d cos = zeta an / half * (cs - sn c / s) / 2 * 0.95
-          for (int64_t z = 0; z < k.n_sec; ++z) g_cos += gan[z] * an[z] / half[z] * (t.cs[z] - t.sn[z] * c / s);
+          for (int64_t z = 0; z < n_sec; ++z) g_cos += gan[z] * an[z] / half[z] * (t.cs[z] - t.sn[z] * c / s);
           g_cos *= T(0.475) * t.zeta * fab;
           T g_da = g_mean + g_fab * A.df * B.f, g_db = g_mean + g_fab * A.f * B.df;
           T ca = (g_da - g_cos * cosv / A.d) / A.d, cb = (g_db - g_cos * cosv / B.d) / B.d, gc = g_cos * inv_ab;
@@ -331,6 +339,8 @@ void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* o
     }
   });
 }
+
+inline bool ani2x_sizes(const Consts& k) { return k.n_rs == 16 && k.n_as == 8 && k.n_sec == 4; }
 
 // First triple of each centre in the order the kernels visit them (N+1 offsets).
 template <typename T>
@@ -368,8 +378,12 @@ std::tuple<Tensor, Tensor, Tensor> aev_forward(const Tensor& vectors, const Tens
       cp = cache.data_ptr<scalar_t>();
       tp = tri.data_ptr<int64_t>();
     }
-    forward_kernel<scalar_t>(k, vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), j.data_ptr<int64_t>(),
-                             sp.data_ptr<int64_t>(), n, out.data_ptr<scalar_t>(), cp, tp);
+    auto run = [&](auto kernel) {
+      kernel(k, vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), j.data_ptr<int64_t>(), sp.data_ptr<int64_t>(), n,
+             out.data_ptr<scalar_t>(), cp, tp);
+    };
+    if (ani2x_sizes(k)) run(forward_kernel<scalar_t, 16, 8, 4>);
+    else run(forward_kernel<scalar_t, 0, 0, 0>);
   });
   return {out, cache, tri};
 }
@@ -384,9 +398,12 @@ Tensor aev_backward(const Tensor& grad, const Tensor& vectors, const Tensor& off
   const int64_t n = sp.size(0);
   auto gv = at::zeros_like(vec);
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "nnpq_aev_backward", [&] {
-    backward_kernel<scalar_t>(k, g.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
-                              j.data_ptr<int64_t>(), sp.data_ptr<int64_t>(), n, gv.data_ptr<scalar_t>(),
-                              cache.data_ptr<scalar_t>(), tri.data_ptr<int64_t>());
+    auto run = [&](auto kernel) {
+      kernel(k, g.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), j.data_ptr<int64_t>(),
+             sp.data_ptr<int64_t>(), n, gv.data_ptr<scalar_t>(), cache.data_ptr<scalar_t>(), tri.data_ptr<int64_t>());
+    };
+    if (ani2x_sizes(k)) run(backward_kernel<scalar_t, 16, 8, 4>);
+    else run(backward_kernel<scalar_t, 0, 0, 0>);
   });
   return gv;
 }
