@@ -130,10 +130,14 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     from nnpq.validation.report import VERDICT_HEADER, print_table, verdict_rows
     from nnpq.validation.validate import Execution, campaign_for, validate
 
-    protocol = dataclasses.replace(SHORT if args.short else FULL, platform=args.platform)
+    lengths = {k: getattr(args, k) for k in ("equilibration_ps", "nve_ps", "nvt_ps", "stress_ps", "frame_interval_fs")
+               if getattr(args, k) is not None}
+    protocol = dataclasses.replace(SHORT if args.short else FULL, platform=args.platform, **lengths)
     out = args.out or f"validate-{Path(args.model[0]).stem}"
-    campaign = campaign_for(args.model, args.systems, args.seeds, out, protocol, tuple(args.modes.split(",")))
-    report = validate(campaign, _thresholds(args), Execution(serial=args.serial, scheduler=args.scheduler,
+    modes = None if args.modes is None else tuple(args.modes.split(","))
+    thresholds = _thresholds(args)
+    campaign = campaign_for(args.model, args.systems, args.seeds, out, protocol, modes)
+    report = validate(campaign, thresholds, Execution(serial=args.serial, scheduler=args.scheduler,
                                                              workers=args.workers, report_only=args.report_only))
     print_table(report["title"], VERDICT_HEADER, verdict_rows(report))
     tasks = report["execution"]["tasks"]
@@ -237,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per system and model (default 3)")
     p.add_argument("--short", action="store_true", help="short protocol (0.1 ps per stage): a smoke test; "
                    "without it the full protocol runs 20 ps per NVE time step and for observables")
-    p.add_argument("--modes", default="exact", help="comma-separated runtime modes of the quantized models")
+    for name, what in (("equilibration-ps", "Langevin equilibration of the shared start"),
+                       ("nve-ps", "each NVE run"), ("nvt-ps", "the NVT run of the observables"),
+                       ("stress-ps", "each stress run"), ("frame-interval-fs", "time between recorded frames")):
+        p.add_argument(f"--{name}", type=float, help=f"override the protocol: {what}")
+    p.add_argument("--modes", help="comma-separated runtime modes of the quantized models (default: every mode "
+                   "the runtime offers, e.g. exact,fast)")
     p.add_argument("--platform", default="auto", help="OpenMM platform (default: CUDA mixed, else Reference)")
     p.add_argument("--out", help="output folder (default validate-MODEL); reruns resume from it")
     p.add_argument("--threshold", action="append", metavar="METRIC=VALUE",

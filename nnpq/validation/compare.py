@@ -25,7 +25,8 @@ def rows(paths: list[str | os.PathLike]) -> tuple[list[list[str]], list[dict[str
     table, points = [], []
     for i, path in enumerate(paths):
         report = read_report(path)
-        name = f"#{i + 1} {Path(path).parent.name or Path(path).name}"
+        folder = Path(path) if Path(path).is_dir() else Path(path).resolve().parent
+        name = f"#{i + 1} {folder.name}"
         for model in report["models"][1:]:
             for system, entry in report["systems"].items():
                 m, ref = entry["models"].get(model["key"]), entry["models"].get("fp32")

@@ -27,7 +27,7 @@ from nnpq.validation.drift import fit_drift
 from nnpq.validation.identity import ModelRef
 from nnpq.validation.observables import js_distance
 from nnpq.validation.structure import energy_errors
-from nnpq.validation.tasks import FORCE_ERROR_EDGES, STRESS_STAGES, Campaign, fidelity_name, read_result, run_name
+from nnpq.validation.tasks import FORCE_ERROR_EDGES, STRESS_STAGES, Campaign, fidelity_name, run_name, stored
 
 NVE_STAGES = ("nve_0.5fs", "nve_1fs")
 KCAL = 4.184  # kJ per kcal
@@ -46,6 +46,17 @@ class Thresholds:
     noise_factor: float = 1.5
     noise_sigmas: float = 2.0
     absolute: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        stages = ("nve_0.5fs", "nve_1fs", "nvt", *STRESS_STAGES)
+        fixed = {*(f"drift_{s}" for s in NVE_STAGES), *(f"unstable_{s}" for s in stages),
+                 *(f"stress_force_max_{s}" for s in STRESS_STAGES), *DEFAULT_ABSOLUTE}
+        for name in self.absolute:
+            if name not in fixed and not name.startswith(("js_rdf_", "js_bond_", "js_phi", "js_psi")):
+                raise NnpqError(f"unknown threshold metric '{name}'; use one of {', '.join(sorted(fixed))} "
+                                "or js_OBSERVABLE (e.g. js_rdf_O-O, js_phi, js_bond_C-H)")
+        if not (self.noise_factor >= 1.0 and self.noise_sigmas >= 0.0):
+            raise NnpqError("--noise-factor must be at least 1 and --noise-sigmas at least 0")
 
     def to_dict(self) -> dict:
         return {"noise_factor": self.noise_factor, "noise_sigmas": self.noise_sigmas, "absolute": dict(self.absolute)}
@@ -193,7 +204,7 @@ def merge(c: Campaign, thresholds: Thresholds, statuses: dict[str, dict] | None 
     statuses = statuses or {}
     missing = []
     for name in c.task_names():
-        if not name.startswith("start/") and read_result(c.out, name) is None:
+        if not name.startswith("start/") and stored(c, name) is None:
             reason = statuses.get(name, {}).get("error", "not run yet")
             missing.append({"task": name, "reason": reason})
     verdicts = _Verdicts(thresholds)
@@ -201,7 +212,7 @@ def merge(c: Campaign, thresholds: Thresholds, statuses: dict[str, dict] | None 
     for system_name in c.systems:
         system = get_system(system_name)
         runs_of = {m.key: {seed: r for seed in c.seeds
-                           if (r := read_result(c.out, run_name(system_name, seed, m))) is not None}
+                           if (r := stored(c, run_name(system_name, seed, m))) is not None}
                    for m in c.models}
         ref_runs = runs_of[c.reference.key]
         entry: dict[str, Any] = {"n_atoms": system.n_atoms, "periodic": system.is_periodic, "models": {},
@@ -225,7 +236,7 @@ def merge(c: Campaign, thresholds: Thresholds, statuses: dict[str, dict] | None 
             if model.is_reference:
                 continue
             _judge(verdicts, system_name, model, m, entry, ref_runs, runs)
-            fids = [r for seed in c.seeds if (r := read_result(c.out, fidelity_name(system_name, seed, model)))]
+            fids = [r for seed in c.seeds if (r := stored(c, fidelity_name(system_name, seed, model)))]
             if fids:
                 m["fidelity"] = _fidelity(fids, system.n_atoms)
                 m["divergence"] = _divergence(fids)

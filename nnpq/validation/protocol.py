@@ -54,7 +54,7 @@ class Protocol:
         frame_interval_fs: time between recorded frames.
         fidelity_frames: FP32 NVT frames re-evaluated with both models (energy/force errors).
         checkpoint_frames: frames between checkpoints (each appends one chunk file).
-        platform: OpenMM platform name, or ``auto`` (CUDA in mixed precision, else Reference).
+        platform: OpenMM platform name, or ``auto`` (CUDA in mixed precision, else CPU).
         threads: torch threads per task (tasks run in parallel on workers; 1 also makes
             CPU results bitwise independent of where a task runs).
     """

@@ -389,7 +389,9 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
     table = Table(title=title)
     for h in header:
-        table.add_column(h)
+        table.add_column(h, no_wrap=True)
     for r in rows:
         table.add_row(*(f"[green]{c}[/]" if c == "pass" else f"[red]{c}[/]" if c == "FAIL" else c for c in r))
-    Console(width=200).print(table)
+    # wide enough for every cell: numbers are never cut (the terminal may wrap the lines instead)
+    width = sum(max(len(x) for x in column) + 3 for column in zip(header, *rows)) + 4
+    Console(width=max(80, width)).print(table)

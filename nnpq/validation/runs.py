@@ -27,19 +27,20 @@ MAX_BOND_STRETCH = 1.5
 _BOLTZMANN_KJ_MOL_K = 0.0083144626
 
 
-def choose_platform(name: str) -> tuple[openmm.Platform, dict[str, str]]:
+def choose_platform(name: str, threads: int = 1) -> tuple[openmm.Platform, dict[str, str]]:
     """The OpenMM platform and its properties.
 
     ``auto``: CUDA in ``mixed`` precision (double-precision integration) when present, else
-    Reference, which integrates in double; the CPU platform integrates in single precision,
-    too coarse for sub-kJ/mol drift, and is no faster when the ANI force dominates.
+    CPU (whose integrators keep positions and velocities in double, like Reference). The CPU
+    platform gets ``threads`` threads: tasks run side by side on Dask workers.
     """
     available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
     if name == "auto":
-        name = "CUDA" if "CUDA" in available else "Reference"
+        name = "CUDA" if "CUDA" in available else "CPU"
     if name not in available:
         raise NnpqError(f"OpenMM platform '{name}' not available; choose one of auto, {', '.join(available)}")
-    properties = {"Precision": "mixed"} if name in ("CUDA", "OpenCL") else {}
+    properties = {"CUDA": {"Precision": "mixed"}, "OpenCL": {"Precision": "mixed"},
+                  "CPU": {"Threads": str(threads)}}.get(name, {})
     return openmm.Platform.getPlatformByName(name), properties
 
 
@@ -81,8 +82,8 @@ def set_aside(path: Path, why: str) -> Path:
     return target
 
 
-def _context(system: openmm.System, integrator: openmm.Integrator, platform: str) -> openmm.Context:
-    plat, properties = choose_platform(platform)
+def _context(system: openmm.System, integrator: openmm.Integrator, protocol: Protocol) -> openmm.Context:
+    plat, properties = choose_platform(protocol.platform, protocol.threads)
     return openmm.Context(system, integrator, plat, properties)
 
 
@@ -102,7 +103,7 @@ def start_state(path: Path, key: str, system: openmm.System, positions_nm: np.nd
             if str(data["key"]) == key:
                 return StartState(data["positions"], data["velocities"])
         set_aside(path, "was made for another model, system or protocol")
-    context = _context(system, _langevin(protocol.temperature_k, protocol, 0.5, seed), protocol.platform)
+    context = _context(system, _langevin(protocol.temperature_k, protocol, 0.5, seed), protocol)
     context.setPositions(positions_nm)
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
     context.setVelocitiesToTemperature(protocol.temperature_k * unit.kelvin, seed)
@@ -186,7 +187,7 @@ class StageContext:
             else:
                 sub = _langevin(stage.temperature_k, protocol, stage.timestep_fs, seed)
             self.index[stage.name] = self.integrator.addIntegrator(sub)
-        self.context = _context(system, self.integrator, protocol.platform)
+        self.context = _context(system, self.integrator, protocol)
         self.box = None
         if system.usesPeriodicBoundaryConditions():
             self.box = np.array([v.value_in_unit(unit.nanometer) for v in system.getDefaultPeriodicBoxVectors()])

@@ -50,7 +50,7 @@ class Campaign:
         return self.models[0]
 
     def platform_name(self) -> str:
-        return choose_platform(self.protocol.platform)[0].getName()
+        return choose_platform(self.protocol.platform, self.protocol.threads)[0].getName()
 
     def task_names(self) -> list[str]:
         """Every task of the campaign, in dependency order."""
@@ -105,6 +105,17 @@ def read_result(out: str | Path, name: str, key: str | None = None) -> dict | No
         set_aside(path, "is a result of another model, system, seed or protocol")
         return None
     return stored["result"]
+
+
+def stored(c: Campaign, name: str) -> dict | None:
+    """The result of task ``name`` of campaign ``c``; None when absent or made for another key."""
+    kind, system, seed_text, *model_key = name.split("/")
+    seed = int(seed_text.removeprefix("seed-"))
+    if kind == "start":
+        return read_result(c.out, name, _start_key(c, system, seed))
+    model = next(m for m in c.models if m.key == model_key[0])
+    key_of = _run_key if kind == "run" else _fidelity_key
+    return read_result(c.out, name, key_of(c, system, seed, model))
 
 
 def _task(name_of: Callable[..., str], key_of: Callable[..., str]):

@@ -11,7 +11,7 @@ from typing import Any
 
 import nnpq
 from nnpq.validation.campaign import execute
-from nnpq.validation.identity import load, resolve_models
+from nnpq.validation.identity import load, resolve_models, runtime_modes
 from nnpq.validation.metrics import Thresholds, merge
 from nnpq.validation.protocol import FULL, Protocol
 from nnpq.validation.report import write_html
@@ -32,15 +32,15 @@ class Execution:
 
 
 def campaign_for(models: list[str], systems: list[str], seeds: int, out: str | os.PathLike,
-                 protocol: Protocol = FULL, modes: tuple[str, ...] = ("exact",)) -> Campaign:
+                 protocol: Protocol = FULL, modes: tuple[str, ...] | None = None) -> Campaign:
     """The campaign, checked before any task starts: known systems, readable models that
-    cover every system's elements, at least one seed."""
+    cover every system's elements, at least one seed. ``modes``: default every runtime mode."""
     from nnpq.errors import NnpqError
     from nnpq.systems import get_system
 
     if seeds < 1:
         raise NnpqError(f"--seeds must be at least 1 (3 or more give a noise floor with a spread), got {seeds}")
-    refs = resolve_models(models, modes)
+    refs = resolve_models(models, modes or runtime_modes())
     for name in systems:
         system = get_system(name)
         for ref in refs[1:]:
