@@ -3,7 +3,6 @@ checkpoints set aside, chunked frames, the HTML in a real browser, `nnpq compare
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

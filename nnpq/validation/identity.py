@@ -93,7 +93,7 @@ def resolve_models(models: list[str], modes: tuple[str, ...] = ("exact",)) -> li
             stem = Path(text).name.removesuffix(".nnpq")
             refs.append(ModelRef(f"{stem}-{mode}", f"{Path(text).name} ({mode})", os.fspath(Path(text).resolve()),
                                  mode, artifact.manifest["tensors_sha256"], artifact.model_name))
-    if not references:
+    if not refs:
         raise NnpqError("no model to validate; pass .nnpq files (the FP32 reference is added by itself)")
     if len(references) > 1:
         raise NnpqError(f"the models come from different FP32 references ({', '.join(sorted(references))}); "

@@ -108,8 +108,9 @@ class Protocol:
         return stage.steps // self.report_interval(stage)
 
     def key(self) -> str:
-        """Hash of every setting that shapes a trajectory (``threads`` and ``checkpoint_frames`` do not)."""
-        shape = {k: v for k, v in asdict(self).items() if k not in ("threads", "checkpoint_frames")}
+        """Hash of every setting that shapes a trajectory (not ``threads`` or ``checkpoint_frames``;
+        the platform enters task keys by the name it resolves to, not as asked)."""
+        shape = {k: v for k, v in asdict(self).items() if k not in ("threads", "checkpoint_frames", "platform")}
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
