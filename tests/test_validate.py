@@ -112,7 +112,7 @@ def ethanol_serial(tmp_path_factory, w8_path):
 def test_local_cluster_gives_the_serial_report(ethanol_serial, w8_path, tmp_path):
     campaign = campaign_for([str(w8_path)], ["ethanol"], 2, tmp_path / "cluster", TINY)
     report = validate(campaign, execution=Execution(workers=2))
-    assert report["execution"]["tasks"] == {"done": 10, "reused": 0, "failed": 0}
+    assert report["execution"]["tasks"] == {"done": 8, "reused": 0, "failed": 0}  # 2 starts, 4 runs, 2 fidelity
     assert without_volatile(report) == without_volatile(ethanol_serial)
     assert ethanol_serial["complete"] and not ethanol_serial["missing"]
 
@@ -124,7 +124,7 @@ def test_killed_campaign_resumes_to_the_same_report(ethanol_serial, w8_path, tmp
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "tasks" / "run"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 900  # generous: CI machines may be busy
     while not (first.is_dir() and any(first.rglob("*.json"))) and time.monotonic() < deadline:
         assert proc.poll() is None, "the campaign ended before it could be killed"
         time.sleep(0.05)
@@ -144,7 +144,7 @@ def test_killed_campaign_resumes_to_the_same_report(ethanol_serial, w8_path, tmp
 
     resumed = validate(campaign, execution=Execution(serial=True))
     assert resumed["execution"]["tasks"]["reused"] == len(done)
-    assert resumed["execution"]["tasks"]["done"] == 10 - len(done)
+    assert resumed["execution"]["tasks"]["done"] == 8 - len(done)
     assert {p: p.stat().st_mtime_ns for p in done} == done  # finished tasks were not redone
     assert without_volatile(resumed) == without_volatile(ethanol_serial)
 
