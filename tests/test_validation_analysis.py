@@ -272,9 +272,11 @@ def test_verdict_rule_from_noise_floor_and_user_thresholds():
     v.add("s", "m", "js_x", "JS", 0.14, floor=0.1, sigma=0.0)  # max(0.15, 0.1) = 0.15
     v.add("s", "m", "force_rmse", "kJ/mol/nm", 50.0, default=41.84)
     v.add("s", "m", "js_y", "JS", None, floor=0.1)  # missing data: no verdict
+    v.add("s", "m", "js_z", "JS", 0.9, floor=0.7, sigma=0.2, ceiling=1.0)  # 1.1: could never fail
     assert [(r["threshold"], r["pass"]) for r in v.rows] == [
         (pytest.approx(0.2), True), (pytest.approx(0.2), False), (pytest.approx(0.15), True), (41.84, False),
-        (pytest.approx(0.15), None)]
+        (pytest.approx(0.15), None), (pytest.approx(1.1), None)]
+    assert v.rows[-1]["rule"].startswith("inconclusive")
     user = _Verdicts(Thresholds(absolute={"force_rmse": 60.0}, noise_factor=3.0))
     user.add("s", "m", "force_rmse", "kJ/mol/nm", 50.0, default=41.84)
     user.add("s", "m", "js_phi", "JS", 0.25, floor=0.1, sigma=0.05)
@@ -357,8 +359,10 @@ def test_report_observables_and_verdicts_are_consistent(report):
     assert {"phi", "psi", "bond_C-H", "bond_N-H"} <= set(peptide["noise_floor"])
     t = report["thresholds"]
     for v in report["verdicts"]:
-        assert v["pass"] is not None, v
-        assert v["pass"] == (v["value"] <= v["threshold"])
+        if v["rule"].startswith("inconclusive"):
+            assert v["pass"] is None and v["threshold"] >= 1.0 and v["metric"].startswith("js_")
+            continue
+        assert v["pass"] == (v["value"] <= v["threshold"]), v
         if v["rule"] == "noise floor":
             expected = max(t["noise_factor"] * v["noise_floor"], v["noise_floor"] + t["noise_sigmas"] * v["noise_sigma"])
             assert v["threshold"] == pytest.approx(expected)

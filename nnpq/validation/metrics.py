@@ -178,8 +178,13 @@ class _Verdicts:
         self.rows: list[dict] = []
 
     def add(self, system: str, model: str, metric: str, unit: str, value: float | None,
-            floor: float | None = None, sigma: float | None = None, default: float | None = None) -> None:
-        """One verdict; the threshold is the user's, else the noise-floor rule, else ``default``."""
+            floor: float | None = None, sigma: float | None = None, default: float | None = None,
+            ceiling: float | None = None) -> None:
+        """One verdict; the threshold is the user's, else the noise-floor rule, else ``default``.
+
+        A threshold at or above ``ceiling`` (the largest value the metric can take) could never
+        fail: the verdict is then None, inconclusive, and says so.
+        """
         if metric in self.t.absolute:
             threshold, rule = self.t.absolute[metric], "user"
         elif floor is not None:
@@ -188,6 +193,8 @@ class _Verdicts:
         else:
             threshold, rule = default, "default"
         verdict = None if value is None or threshold is None else bool(value <= threshold)
+        if ceiling is not None and threshold is not None and threshold >= ceiling and rule != "user":
+            verdict, rule = None, "inconclusive: noise floor too high, sample longer"
         self.rows.append({"system": system, "model": model, "metric": metric, "unit": unit, "value": value,
                           "noise_floor": floor, "noise_sigma": sigma, "threshold": threshold, "rule": rule,
                           "pass": verdict})
@@ -280,7 +287,7 @@ def _judge(verdicts: _Verdicts, system: str, model: ModelRef, m: dict, entry: di
         d = _mean_std(_model_pairs(runs, ref_runs, name))
         obs["distance"] = d
         nf = entry["noise_floor"][name]
-        verdicts.add(system, model.key, f"js_{name}", "JS distance", d["mean"], nf["mean"], nf["std"])
+        verdicts.add(system, model.key, f"js_{name}", "JS distance", d["mean"], nf["mean"], nf["std"], ceiling=1.0)
 
 
 def _check_overrides(thresholds: Thresholds, rows: list[dict]) -> None:
