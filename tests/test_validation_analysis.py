@@ -341,7 +341,7 @@ def test_report_fidelity_divergence_and_stress(report):
         n_atoms = sum(sum(e["histogram"]) for e in force["per_element"].values())
         assert math.sqrt(pooled / n_atoms) == pytest.approx(force["force_rmse"], rel=1e-9)  # per element adds up
         for stage, div in q["divergence"].items():
-            assert div["rmsd_angstrom_mean"][0] == 0.0  # both runs start from the same state
+            assert div["rmsd_angstrom_mean"][0] < 1e-9  # both runs start from the same state
             assert div["rmsd_angstrom_mean"][-1] > 0.0
             # at t = 0 the energy difference is the models' difference on one configuration
             assert abs(div["potential_diff_kj_mol_mean"][0]) > 0.0
