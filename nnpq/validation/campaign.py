@@ -44,6 +44,17 @@ def execute(c: Campaign, scheduler: str | None = None, workers: int = 2, serial:
     import dask
 
     tasks = graph(c)
+    # An MD task can keep its worker busy (and its event loop slow) for minutes on a loaded
+    # machine: no heartbeat deadline, and patient connections, so a busy worker is not taken for dead.
+    patience = {"distributed.scheduler.worker-ttl": None, "distributed.comm.timeouts.connect": "300s",
+                "distributed.comm.timeouts.tcp": "900s"}
+    with dask.config.set(patience):
+        return _compute(tasks, scheduler, workers, serial)
+
+
+def _compute(tasks: list, scheduler: str | None, workers: int, serial: bool) -> list[dict]:
+    import dask
+
     if serial:
         statuses = dask.compute(*tasks, scheduler="synchronous")
     else:
