@@ -71,7 +71,7 @@ def _compute(tasks: list, scheduler: str | None, workers: int, serial: bool) -> 
         else:
             if workers < 1:
                 raise NnpqError(f"--workers must be at least 1, got {workers}")
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               silence_logs=logging.ERROR) as cluster, Client(cluster):
                 statuses = dask.compute(*tasks)
     return sorted(statuses, key=lambda s: s["task"])
