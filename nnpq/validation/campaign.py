@@ -71,7 +71,14 @@ def _compute(tasks: list, scheduler: str | None, workers: int, serial: bool) -> 
         else:
             if workers < 1:
                 raise NnpqError(f"--workers must be at least 1, got {workers}")
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                              silence_logs=logging.ERROR) as cluster, Client(cluster):
-                statuses = dask.compute(*tasks)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR)
+            try:
+                with Client(cluster):
+                    statuses = dask.compute(*tasks)
+            finally:
+                try:
+                    cluster.close(timeout=120)
+                except TimeoutError:  # workers slow to exit on a loaded machine: every result is already stored
+                    logging.getLogger(__name__).warning("the local Dask cluster took long to shut down")
     return sorted(statuses, key=lambda s: s["task"])
