@@ -364,7 +364,7 @@ def test_report_observables_and_verdicts_are_consistent(report):
             continue
         assert v["pass"] == (v["value"] <= v["threshold"]), v
         if v["rule"] == "noise floor":
-            expected = max(t["noise_factor"] * v["noise_floor"], v["noise_floor"] + t["noise_sigmas"] * v["noise_sigma"])
+            expected = max(t["noise_factor"] * v["noise_floor"], v["noise_floor"] + t["noise_sigmas"] * (v["noise_sigma"] or 0.0))
             assert v["threshold"] == pytest.approx(expected)
         if v["metric"].startswith("js_"):
             entry = report["systems"][v["system"]]
