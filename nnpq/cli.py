@@ -1,4 +1,4 @@
-"""The ``nnpq`` command line: systems, quantize, sensitivity, evaluate, validate, info."""
+"""The ``nnpq`` command line: systems, quantize, sensitivity, evaluate, validate, compare, info."""
 
 from __future__ import annotations
 
@@ -110,19 +110,46 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     print("files: " + ", ".join(str(f) for f in files))
 
 
-def _cmd_validate(args: argparse.Namespace) -> None:
-    from nnpq.validation.nve import NVESettings
-    from nnpq.validation.report import summary_table
-    from nnpq.validation.validate import validate
+def _thresholds(args: argparse.Namespace):
+    from nnpq.validation.metrics import Thresholds
 
-    settings = NVESettings(steps=args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
-                           equilibration_steps=args.equilibration_steps, report_interval=args.report_interval,
-                           platform=args.platform, seed=args.seed)
-    out = args.out or f"validate-{Path(args.model).stem}-{args.system}"
-    report = validate(args.model, args.system, settings, out, progress=not args.quiet)
-    print(summary_table(report))
-    print(f"report: {report['files']['markdown']} (JSON: {report['files']['json']}, "
-          f"{len(report['files']['figures'])} figures)")
+    absolute = {}
+    for item in args.threshold or ():
+        name, _, value = item.partition("=")
+        try:
+            absolute[name.strip()] = float(value)
+        except ValueError:
+            raise NnpqError(f"--threshold {item!r}: write METRIC=VALUE, e.g. force_rmse=20") from None
+    return Thresholds(noise_factor=args.noise_factor, noise_sigmas=args.noise_sigmas, absolute=absolute)
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from nnpq.validation.protocol import FULL, SHORT
+    from nnpq.validation.report import VERDICT_HEADER, print_table, verdict_rows
+    from nnpq.validation.validate import Execution, campaign_for, validate
+
+    lengths = {k: getattr(args, k) for k in ("equilibration_ps", "nve_ps", "nvt_ps", "stress_ps", "frame_interval_fs")
+               if getattr(args, k) is not None}
+    protocol = dataclasses.replace(SHORT if args.short else FULL, platform=args.platform, **lengths)
+    out = args.out or f"validate-{Path(args.model[0]).stem}"
+    modes = None if args.modes is None else tuple(args.modes.split(","))
+    thresholds = _thresholds(args)
+    campaign = campaign_for(args.model, args.systems, args.seeds, out, protocol, modes)
+    report = validate(campaign, thresholds, Execution(serial=args.serial, scheduler=args.scheduler,
+                                                             workers=args.workers, report_only=args.report_only))
+    print_table(report["title"], VERDICT_HEADER, verdict_rows(report))
+    tasks = report["execution"]["tasks"]
+    print(f"tasks: {tasks['done']} run, {tasks['reused']} reused, {tasks['failed']} failed; "
+          f"{len(report['missing'])} missing")
+    print(f"report: {Path(out) / 'report.html'} (JSON: {Path(out) / 'report.json'})")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from nnpq.validation.compare import compare
+
+    print(f"written: {compare(args.reports, args.output)}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -226,19 +253,36 @@ def build_parser() -> argparse.ArgumentParser:
     calibration_args(p)
     p.set_defaults(func=_cmd_sensitivity)
 
-    p = sub.add_parser("validate", help="FP32 vs quantized NVE trajectories: drift, errors, RMSD")
-    p.add_argument("model", help="a .nnpq file")
-    p.add_argument("--system", required=True, help="built-in system (see 'nnpq systems')")
-    p.add_argument("--steps", type=int, default=2000, help="NVE steps per run (default 2000)")
-    p.add_argument("--timestep", type=float, default=0.5, help="time step in fs (default 0.5)")
-    p.add_argument("--temperature", type=float, default=300.0, help="equilibration temperature in K")
-    p.add_argument("--equilibration-steps", type=int, default=200, help="Langevin steps before NVE")
-    p.add_argument("--report-interval", type=int, default=10, help="steps between recorded frames")
-    p.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference: double)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", help="report folder (default validate-MODEL-SYSTEM); reruns resume from it")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("validate", help="FP32 vs quantized MD on several systems and seeds: drift, errors, "
+                       "observables against the FP32 noise floor, stress; report.json + report.html")
+    p.add_argument("model", nargs="+", help=".nnpq files (the FP32 reference they came from is added)")
+    p.add_argument("--systems", nargs="+", required=True, metavar="NAME", help="built-in systems (see 'nnpq systems')")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per system and model (default 3)")
+    p.add_argument("--short", action="store_true", help="short protocol (0.1 ps per stage): a smoke test; "
+                   "without it the full protocol runs 20 ps per NVE time step and for observables")
+    for name, what in (("equilibration-ps", "Langevin equilibration of the shared start"),
+                       ("nve-ps", "each NVE run"), ("nvt-ps", "the NVT run of the observables"),
+                       ("stress-ps", "each stress run"), ("frame-interval-fs", "time between recorded frames")):
+        p.add_argument(f"--{name}", type=float, help=f"override the protocol: {what}")
+    p.add_argument("--modes", help="comma-separated runtime modes of the quantized models (default: every mode "
+                   "the runtime offers, e.g. exact,fast)")
+    p.add_argument("--platform", default="auto", help="OpenMM platform (default: CUDA mixed, else Reference)")
+    p.add_argument("--out", help="output folder (default validate-MODEL); reruns resume from it")
+    p.add_argument("--threshold", action="append", metavar="METRIC=VALUE",
+                   help="absolute threshold for one metric in its report unit, e.g. force_rmse=20; repeatable")
+    p.add_argument("--noise-factor", type=float, default=1.5, help="default verdict: distance <= max(FACTOR x floor, "
+                   "floor + SIGMAS x spread) (default 1.5)")
+    p.add_argument("--noise-sigmas", type=float, default=2.0, help="see --noise-factor (default 2)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler of an existing cluster (default: a local one)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)")
+    p.add_argument("--serial", action="store_true", help="run the tasks one by one in this process")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report what --out holds")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("compare", help="several validation reports side by side: one table and compare.html")
+    p.add_argument("reports", nargs="+", help="report.json files (or their folders)")
+    p.add_argument("-o", "--output", default="compare.html", help="HTML output (default compare.html)")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("evaluate", help="errors of a model against its FP32 reference on your structure files")
     p.add_argument("model", help="a .nnpq file (or an FP32 model name)")

@@ -1,23 +1,24 @@
-"""Pure-analysis parts of nnpq.validation: drift fit, structure/error metrics, report files."""
+"""Analysis in nnpq.validation (drift, structure, observables, verdicts) and the reports that
+`nnpq validate` itself wrote: schema, internal consistency, the self-contained HTML."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 
 import numpy as np
 import pytest
+from validation_campaign import shared_report
 
 from nnpq.errors import NnpqError
 from nnpq.validation.drift import DriftResult, fit_drift
-from nnpq.validation.report import summary_table, to_jsonable, write_report
-from nnpq.validation.structure import (
-    dihedral_series,
-    energy_errors,
-    force_errors,
-    kabsch_rmsd,
-    rmsd_series,
-)
+from nnpq.validation.metrics import Thresholds, _Verdicts
+from nnpq.validation.observables import js_distance, measure
+from nnpq.validation.report import to_jsonable
+from nnpq.validation.schema import SCHEMA_VERSION, read_report, without_volatile
+from nnpq.validation.structure import energy_errors, force_errors, kabsch_rmsd, rmsd_series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,17 +41,35 @@ def test_fit_drift_recovers_known_slope_within_stderr():
     ekin = 150.0 + rng.normal(0.0, 8.0, t.size)
     res = fit_drift(t, etot, ekin, n_atoms=22)
     assert isinstance(res, DriftResult)
-    assert res.slope_stderr_kj_mol_ns > 0 and res.ols_stderr_kj_mol_ns > 0
     assert abs(res.slope_kj_mol_ns - true_slope * 1000.0) < 4 * res.slope_stderr_kj_mol_ns
-    assert abs(res.slope_kj_mol_ns - true_slope * 1000.0) < 4 * res.ols_stderr_kj_mol_ns
-    # White noise: block stderr is the conservative one (about n_blocks times the OLS value).
-    assert res.slope_stderr_kj_mol_ns > res.ols_stderr_kj_mol_ns
+    # white noise: pymbar finds no correlation, so the corrected stderr is the OLS one
+    assert res.statistical_inefficiency == pytest.approx(1.0, abs=0.2)
+    assert res.slope_stderr_kj_mol_ns == pytest.approx(res.ols_stderr_kj_mol_ns, rel=0.1)
     assert res.duration_ps == pytest.approx(10.0)
     assert res.total_drift_kj_mol == pytest.approx(res.slope_kj_mol_ns / 1000.0 * 10.0)
     assert res.kinetic_std_kj_mol == pytest.approx(8.0, rel=0.1)
     assert res.drift_to_kinetic_std == pytest.approx(abs(res.total_drift_kj_mol) / res.kinetic_std_kj_mol)
     assert res.total_energy_std_kj_mol == pytest.approx(0.5, rel=0.1)  # noise about the fit
     assert (res.n_atoms, res.n_frames) == (22, 2001)
+
+
+def test_fit_drift_autocorrelated_noise_widens_the_error():
+    """AR(1) noise with coefficient 0.95 has g = (1 + 0.95) / (1 - 0.95) = 39: the OLS stderr is
+    about sqrt(39) = 6.2 times too small, and the corrected one covers the true slope."""
+    rng = np.random.default_rng(1)
+    t = np.linspace(0.0, 20.0, 4001)
+    misses_ols, misses = 0, 0
+    for trial in range(20):
+        noise = np.zeros(t.size)
+        for i in range(1, t.size):
+            noise[i] = 0.95 * noise[i - 1] + rng.normal(0.0, 0.3)
+        res = fit_drift(t, 2.0 * t + noise, 100.0 + noise, n_atoms=10)
+        assert 15.0 < res.statistical_inefficiency < 150.0  # pymbar's estimate scatters about 39
+        assert 3.0 < res.slope_stderr_kj_mol_ns / res.ols_stderr_kj_mol_ns < 12.0
+        err = abs(res.slope_kj_mol_ns - 2000.0)
+        misses_ols += err > 2 * res.ols_stderr_kj_mol_ns
+        misses += err > 2 * res.slope_stderr_kj_mol_ns
+    assert misses <= 3 < misses_ols  # ~5% expected outside 2 sigma with the right error, most without
 
 
 def test_fit_drift_unit_conversion_by_hand():
@@ -62,21 +81,11 @@ def test_fit_drift_unit_conversion_by_hand():
     assert res.slope_mev_atom_ps == pytest.approx(10.3643, abs=1e-4)
     assert res.slope_stderr_kj_mol_ns == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(res.drift_to_kinetic_std)  # constant kinetic energy: no scale
-    # Per-atom unit divides by the atom count.
     res22 = fit_drift(t, 3.0 + 1.0 * t, np.full(t.size, 10.0), n_atoms=22)
     assert res22.slope_mev_atom_ps == pytest.approx(10.3643 / 22, rel=1e-5)
     d = res22.to_dict()
     assert json.loads(json.dumps(d))["slope_kj_mol_ns"] == pytest.approx(1000.0)
     assert isinstance(d["n_atoms"], int)
-
-
-def test_fit_drift_few_frames_falls_back_to_ols_stderr():
-    t = np.arange(6, dtype=float)
-    e = np.array([0.0, 1.1, 1.9, 3.2, 3.9, 5.1])
-    res = fit_drift(t, e, np.ones(6) + t, n_atoms=3)  # 6 frames < 5 blocks * 3 frames
-    assert res.slope_stderr_kj_mol_ns == res.ols_stderr_kj_mol_ns
-    slope, _ = np.polyfit(t, e, 1)
-    assert res.slope_kj_mol_ns == pytest.approx(slope * 1000.0)
 
 
 def test_fit_drift_nan_raises_one_line_error():
@@ -224,114 +233,164 @@ def _peptide_topology():
     return top
 
 
-def test_dihedral_series_known_angles_and_none_without_backbone():
-    from openmm.app import Topology, element
-
+def test_observables_phi_psi_and_bond_lengths_of_known_geometry():
     top = _peptide_topology()
-    frames = np.array([_place_chain(-60.0, 140.0), _place_chain(75.0, -40.0)])
-    out = dihedral_series(top, frames)
-    assert out is not None
-    np.testing.assert_allclose(out["phi_deg"], [-60.0, 75.0], atol=1e-3)
-    np.testing.assert_allclose(out["psi_deg"], [140.0, -40.0], atol=1e-3)
-
-    water = Topology()
-    res = water.addResidue("HOH", water.addChain())
-    for name, el in (("O", element.oxygen), ("H1", element.hydrogen), ("H2", element.hydrogen)):
-        water.addAtom(name, el, res)
-    assert dihedral_series(water, np.zeros((2, 3, 3))) is None
-
-
-# ------------------------------------------------------------------------ report
+    frames = np.array([_place_chain(-65.0, 143.0), _place_chain(72.0, -42.0)])
+    out = measure(top, frames[0], frames, None)
+    np.testing.assert_allclose(out["phi"]["samples"], [-65.0, 72.0], atol=1e-3)
+    np.testing.assert_allclose(out["psi"]["samples"], [143.0, -42.0], atol=1e-3)
+    # each density integrates to 1 over its bins: two samples, 10-degree bins
+    assert sum(out["phi"]["y"]) * 10.0 == pytest.approx(1.0)
+    assert out["phi"]["y"][(-65 + 180) // 10] == pytest.approx(0.05)
+    # every bond is 0.15 nm = 1.5 Å: all its density sits in the bin holding 1.5 Å
+    x, y = np.array(out["bond_N-C"]["x"]), np.array(out["bond_N-C"]["y"])
+    assert x[np.argmax(y)] == pytest.approx(1.5, abs=(x[1] - x[0]) / 2)
+    assert np.sum(y * (x[1] - x[0])) == pytest.approx(1.0)
+    assert not any(k.startswith("rdf_") for k in out)  # no box, no RDF
 
 
-def _fake_run(rng, slope, n_atoms=22):
-    t = np.linspace(0, 5, 501)
-    tot = -4000 + slope * t + rng.normal(0, 0.3, t.size)
-    kin = 80 + rng.normal(0, 5, t.size)
-    return {"time_ps": t, "total_kj_mol": tot, "kinetic_kj_mol": kin, "potential_kj_mol": tot - kin}
+def test_js_distance_bounds_and_rdf_weighting():
+    a = {"x": [1.0, 2.0, 3.0, 4.0], "y": [1.0, 1.0, 0.0, 0.0]}
+    b = {"x": [1.0, 2.0, 3.0, 4.0], "y": [0.0, 0.0, 1.0, 1.0]}
+    assert js_distance("phi", a, a) == pytest.approx(0.0, abs=1e-12)
+    assert js_distance("phi", a, b) == pytest.approx(1.0)  # disjoint supports: the largest distance
+    # an RDF is compared as the pair-distance distribution g(r) r^2: a flat g(r) and one that grows
+    # as 1/r^2 are different curves but p(r) of the second is flat
+    flat = {"x": [1.0, 2.0], "y": [1.0, 1.0]}
+    inverse = {"x": [1.0, 2.0], "y": [1.0, 0.25]}
+    assert js_distance("phi", flat, inverse) > 0.1
+    p = np.array([1.0, 4.0]) / 5.0
+    m = (p + 0.5) / 2
+    expected = math.sqrt(0.5 * np.sum(p * np.log2(p / m)) + 0.5 * np.sum(0.5 * np.log2(0.5 / m)))
+    assert js_distance("rdf_O-O", flat, inverse) == pytest.approx(expected)
 
 
-def test_write_report_files(tmp_path):
-    rng = np.random.default_rng(3)
-    s_fp, s_q = _fake_run(rng, 0.05), _fake_run(rng, 0.08)
-    d_fp = fit_drift(s_fp["time_ps"], s_fp["total_kj_mol"], s_fp["kinetic_kj_mol"], 22)
-    d_q = fit_drift(s_q["time_ps"], s_q["total_kj_mol"], s_q["kinetic_kj_mol"], 22)
-    z = np.array([6] * 6 + [1] * 12 + [7, 7, 8, 8])
-    f_ref = rng.normal(0, 500, (3, 22, 3))
-    errors = {
-        "energy": energy_errors(np.array([1.0, 2.0, 3.0]), np.array([1.5, 2.4, 3.6]), 22),
-        "forces": force_errors(f_ref, f_ref + rng.normal(0, 4.184 * 10, (3, 22, 3)), z),
-    }
-    report = {
-        "model": {"name": "ani2x", "quantization": "int8 weight-only"},
-        "system": "alanine-dipeptide",
-        "settings": {"timestep_fs": 0.5, "steps": np.int64(10000)},
-        "fp32": {"drift": d_fp.to_dict()},
-        "quantized": {"drift": d_q},  # a DriftResult itself must serialise too
-        "errors": errors,
-        "timing": {"fp32": {"ns_per_day": np.float32(12.5)}, "quantized": {"ns_per_day": 20.0}},
-        "nan_value": float("nan"),
-    }
-    t = s_fp["time_ps"]
-    series = {
-        "fp32": s_fp,
-        "quantized": s_q,
-        "comparison": {
-            "time_ps": t,
-            "rmsd_angstrom": 0.01 * t**2,
-            "phi_deg_fp32": rng.uniform(-180, 180, t.size),
-            "psi_deg_fp32": rng.uniform(-180, 180, t.size),
-            "phi_deg_quantized": rng.uniform(-180, 180, t.size),
-            "psi_deg_quantized": rng.uniform(-180, 180, t.size),
-        },
-    }
-    paths = write_report(tmp_path / "out", report, series, title="Validation: ani2x int8")
-    assert {p.name for p in paths["figures"]} == {"energy.png", "rmsd.png", "dihedrals.png"}
-    for p in paths["figures"]:
-        assert p.read_bytes().startswith(PNG_MAGIC)
-
-    text = paths["json"].read_text()
-    loaded = json.loads(text)  # strict JSON: NaN became null
-    assert "NaN" not in text and loaded["nan_value"] is None
-    assert loaded["fp32"]["drift"]["slope_kj_mol_ns"] == pytest.approx(d_fp.slope_kj_mol_ns)
-    assert loaded["quantized"]["drift"]["slope_mev_atom_ps"] == pytest.approx(d_q.slope_mev_atom_ps)
-    assert loaded["settings"]["steps"] == 10000
-    assert loaded["errors"]["forces"]["per_element"]["H"]["n"] == 12
-    assert json.loads(json.dumps(to_jsonable(report), sort_keys=True)) == loaded
-
-    md = paths["markdown"].read_text()
-    assert md.startswith("# Validation: ani2x int8")
-    # Drift numbers as displayed (3 significant figures) for both runs.
-    assert f"{d_fp.slope_mev_atom_ps:.3g}" in md and f"{d_q.slope_kj_mol_ns:.3g}" in md
-    assert "| FP32 | Quantized |" in md
-    # Force RMSE ~ 41.84 kJ/mol/nm per component = 1 kcal/mol/Å: both units present.
-    frmse = errors["forces"]["force_rmse"]
-    assert f"{frmse:.4g}" in md and f"{frmse / 41.84:.4g}" in md
-    # Energy MAE per atom in kJ/mol and kcal/mol.
-    emae = errors["energy"]["energy_mae_per_atom"]
-    assert f"{emae:.4g}" in md and f"{emae / 4.184:.4g}" in md
-    assert "final 0.25 Å" in md  # 0.01 * 5^2
-    for name in ("energy.png", "rmsd.png", "dihedrals.png"):
-        assert f"]({name})" in md
-    assert "How to read this" in md
-
-    plain = summary_table(report)
-    assert f"{d_fp.slope_mev_atom_ps:.3g}" in plain and "---:" not in plain  # plain, not markdown
-    assert "Force RMSE, H (12 atoms)" in plain and "Force RMSE, H (12 atoms)" in md
+def test_verdict_rule_from_noise_floor_and_user_thresholds():
+    v = _Verdicts(Thresholds())
+    v.add("s", "m", "js_phi", "JS", 0.19, floor=0.1, sigma=0.05)  # max(0.15, 0.1 + 2 * 0.05) = 0.2
+    v.add("s", "m", "js_psi", "JS", 0.21, floor=0.1, sigma=0.05)
+    v.add("s", "m", "js_x", "JS", 0.14, floor=0.1, sigma=0.0)  # max(0.15, 0.1) = 0.15
+    v.add("s", "m", "force_rmse", "kJ/mol/nm", 50.0, default=41.84)
+    v.add("s", "m", "js_y", "JS", None, floor=0.1)  # missing data: no verdict
+    v.add("s", "m", "js_z", "JS", 0.9, floor=0.7, sigma=0.2, ceiling=1.0)  # 1.1: could never fail
+    assert [(r["threshold"], r["pass"]) for r in v.rows] == [
+        (pytest.approx(0.2), True), (pytest.approx(0.2), False), (pytest.approx(0.15), True), (41.84, False),
+        (pytest.approx(0.15), None), (pytest.approx(1.1), None)]
+    assert v.rows[-1]["rule"].startswith("inconclusive")
+    user = _Verdicts(Thresholds(absolute={"force_rmse": 60.0}, noise_factor=3.0))
+    user.add("s", "m", "force_rmse", "kJ/mol/nm", 50.0, default=41.84)
+    user.add("s", "m", "js_phi", "JS", 0.25, floor=0.1, sigma=0.05)
+    assert [(r["threshold"], r["rule"], r["pass"]) for r in user.rows] == [
+        (60.0, "user", True), (pytest.approx(0.3), "noise floor", True)]
 
 
-def test_write_report_tolerates_missing_series(tmp_path):
-    rng = np.random.default_rng(4)
-    s = _fake_run(rng, 0.0)
-    d = fit_drift(s["time_ps"], s["total_kj_mol"], s["kinetic_kj_mol"], 22)
-    # Only FP32, no kinetic energy, no comparison: energy.png alone, no crash.
-    only_fp32 = {"fp32": {"time_ps": s["time_ps"], "total_kj_mol": s["total_kj_mol"]}}
-    paths = write_report(tmp_path, {"fp32": {"drift": d.to_dict()}}, only_fp32, "only fp32")
-    assert [p.name for p in paths["figures"]] == ["energy.png"]
-    assert paths["figures"][0].read_bytes().startswith(PNG_MAGIC)
-    assert json.loads(paths["json"].read_text())["fp32"]["drift"]["n_frames"] == 501
-    assert "RMSD" not in paths["markdown"].read_text().split("How to read this")[0]
-    # Nothing at all: still a valid (if empty) report.
-    paths = write_report(tmp_path / "empty", {}, {}, "empty")
-    assert paths["figures"] == [] and json.loads(paths["json"].read_text()) == {}
-    assert summary_table({}) == ""
+# ------------------------------------------------------------------------ reports validate wrote
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, w8_path):
+    return read_report(shared_report(tmp_path_factory, w8_path))
+
+
+def test_report_schema_and_models(report, tmp_path):
+    from nnpq.models.fp32 import file_sha256, weights_path
+
+    assert report["schema_version"] == SCHEMA_VERSION and report["complete"] and report["missing"] == []
+    assert [m["key"] for m in report["models"]] == ["fp32", "ani2x-w8-exact"]
+    assert report["models"][0]["sha256"] == file_sha256(weights_path("ani2x"))
+    assert report["seeds"] == [1, 2] and set(report["systems"]) == {"alanine-dipeptide", "water-box"}
+    newer = dict(report, schema_version=SCHEMA_VERSION + 1)
+    (tmp_path / "r.json").write_text(json.dumps(newer))
+    with pytest.raises(NnpqError, match="newer than this nnpq"):
+        read_report(tmp_path / "r.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(NnpqError, match="not a JSON file"):
+        read_report(tmp_path / "bad.json")
+
+
+def test_report_drift_matches_its_energy_traces(report):
+    """The drift in the table is the fit of the energies in the figure, seed by seed, and the
+    seed statistics follow from the per-seed fits."""
+    for system, entry in report["systems"].items():
+        for key, m in entry["models"].items():
+            for stage, d in m["drift"].items():
+                slopes = []
+                for seed, fit in d["per_seed"].items():
+                    trace = d["traces"][seed]
+                    t, e = np.array(trace["time_ps"]), np.array(trace["total_kj_mol"])
+                    slope = np.polyfit(t, e, 1)[0] * 1000.0  # kJ/mol/ns
+                    assert fit["slope_kj_mol_ns"] == pytest.approx(slope, rel=1e-6, abs=1e-6)
+                    slopes.append(fit["slope_mev_atom_ps"])
+                    # NVE: the total energy wanders far less than the kinetic energy swings
+                    assert fit["total_energy_std_kj_mol"] < 0.2 * fit["kinetic_std_kj_mol"], (system, key, stage)
+                assert d["n_seeds"] == 2
+                assert d["mean_mev_atom_ps"] == pytest.approx(np.mean(slopes))
+                assert d["seed_sem_mev_atom_ps"] == pytest.approx(np.std(slopes, ddof=1) / math.sqrt(2))
+                assert d["uncertainty_mev_atom_ps"] >= max(d["seed_sem_mev_atom_ps"], d["stat_stderr_mev_atom_ps"])
+
+
+def test_report_fidelity_divergence_and_stress(report):
+    for system, entry in report["systems"].items():
+        q = entry["models"]["ani2x-w8-exact"]
+        force = q["fidelity"]["force"]
+        # per-channel round-to-nearest INT8: 0.1-1.4 kcal/mol/Å (4-60 kJ/mol/nm; 40 seen on alanine); 0 would mean the
+        # runtime is not quantized, far more a broken one
+        assert 4.0 < force["force_rmse"] < 60.0, system
+        assert force["force_rmse"] < 0.1 * force["force_rms_ref"]
+        pooled = sum(e["force_rmse"] ** 2 * sum(e["histogram"]) for e in force["per_element"].values())
+        n_atoms = sum(sum(e["histogram"]) for e in force["per_element"].values())
+        assert math.sqrt(pooled / n_atoms) == pytest.approx(force["force_rmse"], rel=1e-9)  # per element adds up
+        for stage, div in q["divergence"].items():
+            assert div["rmsd_angstrom_mean"][0] < 1e-9  # both runs start from the same state
+            assert div["rmsd_angstrom_mean"][-1] > 0.0
+            # at t = 0 the energy difference is the models' difference on one configuration
+            assert abs(div["potential_diff_kj_mol_mean"][0]) > 0.0
+        for stage in ("hot", "compressed"):
+            s = q["stress"][stage]
+            assert 0 < s["force_max_abs_kj_mol_nm"] < s["force_ref_max_abs_kj_mol_nm"]
+        for m in entry["models"].values():
+            assert all(s["unstable"] == 0 for s in m["stability"].values())
+            assert m["stability"]["hot"]["max_temperature_k"] > m["stability"]["nvt"]["max_temperature_k"]
+
+
+def test_report_observables_and_verdicts_are_consistent(report):
+    water, peptide = report["systems"]["water-box"], report["systems"]["alanine-dipeptide"]
+    assert {"rdf_O-O", "rdf_O-H", "bond_O-H"} <= set(water["noise_floor"])
+    assert {"phi", "psi", "bond_C-H", "bond_N-H"} <= set(peptide["noise_floor"])
+    t = report["thresholds"]
+    for v in report["verdicts"]:
+        if v["rule"].startswith("inconclusive"):
+            assert v["pass"] is None and v["threshold"] >= 1.0 and v["metric"].startswith("js_")
+            continue
+        assert v["pass"] == (v["value"] <= v["threshold"]), v
+        if v["rule"] == "noise floor":
+            expected = max(t["noise_factor"] * v["noise_floor"], v["noise_floor"] + t["noise_sigmas"] * (v["noise_sigma"] or 0.0))
+            assert v["threshold"] == pytest.approx(expected)
+        if v["metric"].startswith("js_"):
+            entry = report["systems"][v["system"]]
+            name = v["metric"].removeprefix("js_")
+            assert v["noise_floor"] == entry["noise_floor"][name]["mean"]  # FP32 seed 1 vs seed 2
+            assert v["value"] == entry["models"][v["model"]]["observables"][name]["distance"]["mean"]
+            assert 0.0 < v["value"] <= 1.0
+    metrics = {(v["system"], v["metric"]) for v in report["verdicts"]}
+    assert ("water-box", "js_rdf_O-O") in metrics and ("alanine-dipeptide", "js_phi") in metrics
+    assert ("water-box", "drift_nve_1fs") in metrics and ("water-box", "stress_force_max_compressed") in metrics
+
+
+def test_report_json_is_strict_and_html_self_contained(tmp_path_factory, w8_path, report):
+    path = shared_report(tmp_path_factory, w8_path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert without_volatile(report) != report and "execution" not in without_volatile(report)
+    page = path.with_name("report.html").read_text()
+    assert report["title"] in page and "Verdicts" in page
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    for s in sources:
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == PNG_MAGIC
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+def test_to_jsonable_makes_strict_json():
+    out = to_jsonable({"a": np.float32(1.5), "b": float("nan"), "c": np.arange(3), 4: (np.int64(2),)})
+    assert out == {"a": 1.5, "b": None, "c": [0, 1, 2], "4": [2]}

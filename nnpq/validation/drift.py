@@ -12,6 +12,7 @@ Inputs are energies in kJ/mol (per system, not per atom) and times in ps.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,8 +23,21 @@ from nnpq.errors import NnpqError
 #: kJ/mol per eV (CODATA 2018: e * N_A / 1000).
 KJ_MOL_PER_EV: float = 96.48533212331
 
-#: Need at least this many frames per block to fit a block slope with a residual.
-_MIN_FRAMES_PER_BLOCK = 3
+
+
+def statistical_inefficiency(series: np.ndarray) -> float:
+    """pymbar's statistical inefficiency g >= 1 of a time series (1 + 2 * integrated autocorrelation).
+
+    ``len(series) / g`` is the number of effectively independent samples. pymbar logs a
+    caveat and a missing-JAX note on import; both go to its logger, silenced here.
+    """
+    logging.getLogger("pymbar").setLevel(logging.ERROR)
+    from pymbar import timeseries
+
+    x = np.asarray(series, dtype=np.float64)
+    if np.ptp(x) == 0.0:
+        return 1.0  # constant series: pymbar divides by its zero variance
+    return max(1.0, float(timeseries.statistical_inefficiency(x)))
 
 
 @dataclass(frozen=True)
@@ -32,8 +46,9 @@ class DriftResult:
 
     slope_kj_mol_ns: float  # fitted slope of total energy, kJ/mol/ns
     slope_mev_atom_ps: float  # same slope, meV/atom/ps
-    slope_stderr_kj_mol_ns: float  # block-averaged standard error (OLS stderr when too few frames)
+    slope_stderr_kj_mol_ns: float  # OLS standard error inflated by sqrt(statistical inefficiency)
     ols_stderr_kj_mol_ns: float  # textbook OLS standard error (assumes uncorrelated noise)
+    statistical_inefficiency: float  # pymbar's g of the residuals about the fit
     total_drift_kj_mol: float  # slope * duration
     kinetic_std_kj_mol: float  # standard deviation of the kinetic energy
     drift_to_kinetic_std: float  # |total_drift| / kinetic_std (nan if kinetic_std == 0)
@@ -44,7 +59,7 @@ class DriftResult:
 
     @property
     def slope_stderr_mev_atom_ps(self) -> float:
-        """Block-averaged standard error of the slope in meV/atom/ps."""
+        """Autocorrelation-corrected standard error of the slope in meV/atom/ps."""
         return kj_mol_ns_to_mev_atom_ps(self.slope_stderr_kj_mol_ns, self.n_atoms)
 
     def to_dict(self) -> dict:
@@ -98,7 +113,6 @@ def fit_drift(
     total_kj_mol: np.ndarray,
     kinetic_kj_mol: np.ndarray,
     n_atoms: int,
-    n_blocks: int = 5,
 ) -> DriftResult:
     """Fit the NVE energy drift.
 
@@ -107,15 +121,12 @@ def fit_drift(
         total_kj_mol: (F,) total energy (potential + kinetic) of the system in kJ/mol.
         kinetic_kj_mol: (F,) kinetic energy of the system in kJ/mol.
         n_atoms: number of atoms, for the per-atom unit.
-        n_blocks: contiguous blocks for the block-averaged standard error.
 
-    The slope comes from one OLS fit over the whole series. Its standard error is
-    estimated by block averaging: each of ``n_blocks`` contiguous blocks gets its own
-    slope, and stderr = std(block slopes, ddof=1) / sqrt(n_blocks). Energy noise in
-    MD is strongly autocorrelated, which makes the plain OLS stderr (also returned)
-    far too optimistic; the block estimate does not assume independence and, for
-    white noise, is conservative (larger than the OLS value by roughly ``n_blocks``).
-    With fewer than 3 frames per block (or ``n_blocks < 2``) the OLS stderr is used.
+    The slope comes from one OLS fit over the whole series. Energy noise in MD is
+    strongly autocorrelated, which makes the plain OLS stderr (also returned) far too
+    optimistic: F frames carry only F / g independent samples, with g pymbar's
+    statistical inefficiency of the residuals, so the reported stderr is the OLS one
+    times sqrt(g).
 
     Raises:
         NnpqError: fewer than 3 frames, mismatched lengths, non-finite values,
@@ -143,11 +154,8 @@ def fit_drift(
 
     slope, _, ols_se, resid = _ols(t, etot)  # kJ/mol/ps
 
-    stderr = ols_se
-    if n_blocks >= 2 and n // n_blocks >= _MIN_FRAMES_PER_BLOCK:
-        # array_split keeps every frame; blocks differ in length by at most one.
-        block_slopes = [_ols(tb, eb)[0] for tb, eb in zip(np.array_split(t, n_blocks), np.array_split(etot, n_blocks))]
-        stderr = float(np.std(block_slopes, ddof=1) / math.sqrt(n_blocks))
+    g = statistical_inefficiency(resid)
+    stderr = ols_se * math.sqrt(g)
 
     duration = float(t[-1] - t[0])
     total_drift = slope * duration
@@ -159,6 +167,7 @@ def fit_drift(
         slope_mev_atom_ps=kj_mol_ns_to_mev_atom_ps(slope * 1000.0, n_atoms),
         slope_stderr_kj_mol_ns=stderr * 1000.0,
         ols_stderr_kj_mol_ns=ols_se * 1000.0,
+        statistical_inefficiency=g,
         total_drift_kj_mol=total_drift,
         kinetic_std_kj_mol=kin_std,
         drift_to_kinetic_std=ratio,

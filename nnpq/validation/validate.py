@@ -1,96 +1,80 @@
-"""`nnpq validate`: FP32 and quantized NVE runs from one start, compared side by side."""
+"""`nnpq validate`: FP32 and quantized models through the protocol on several systems and seeds,
+as a Dask campaign, then one report (report.json in the schema, report.html beside it)."""
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from nnpq.atomic_io import write_bytes_atomic
-from nnpq.md.openmm import create_system
-from nnpq.models import load_potential
-from nnpq.systems import get_system
-from nnpq.units import NM_TO_ANGSTROM
-from nnpq.validation.drift import fit_drift
-from nnpq.validation.evaluate import compare_models
-from nnpq.validation.nve import NVESettings, StartState, prepare_start, run_nve
-from nnpq.validation.report import write_report
-from nnpq.validation.structure import dihedral_series, rmsd_series
-
-MAX_ERROR_FRAMES = 50  # frames of the FP32 run re-evaluated with both models
+import nnpq
+from nnpq.validation.campaign import execute
+from nnpq.validation.identity import load, resolve_models, runtime_modes
+from nnpq.validation.metrics import Thresholds, merge
+from nnpq.validation.protocol import FULL, Protocol
+from nnpq.validation.report import write_html
+from nnpq.validation.schema import write_report_json
+from nnpq.validation.tasks import Campaign
 
 
-def _start_state(path: Path, make, key: str) -> StartState:
-    """The shared start, saved so that a resumed validation starts both runs identically."""
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["key"]) == key:
-                return StartState(data["positions"], data["velocities"])
-    start = make()
-    buffer = io.BytesIO()
-    np.savez(buffer, key=key, positions=start.positions, velocities=start.velocities)
-    write_bytes_atomic(path, buffer.getvalue())
-    return start
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """Where the tasks run: Dask's synchronous scheduler (``serial``), the cluster at
+    ``scheduler``, or a LocalCluster of ``workers`` processes; ``report_only`` runs nothing
+    and reports what the output folder holds."""
+
+    serial: bool = False
+    scheduler: str | None = None
+    workers: int = 2
+    report_only: bool = False
 
 
-def validate(model: str | os.PathLike, system_name: str, settings: NVESettings, out_dir: str | os.PathLike,
-             progress: bool = False) -> dict[str, Any]:
-    """Run FP32 and quantized NVE from the same minimized, thermalized start; write the report.
+def campaign_for(models: list[str], systems: list[str], seeds: int, out: str | os.PathLike,
+                 protocol: Protocol = FULL, modes: tuple[str, ...] | None = None) -> Campaign:
+    """The campaign, checked before any task starts: known systems, readable models that
+    cover every system's elements, at least one seed. ``modes``: default every runtime mode."""
+    from nnpq.errors import NnpqError
+    from nnpq.systems import get_system
 
-    The FP32 reference is the published model the quantized one was made from.
+    if seeds < 1:
+        raise NnpqError(f"--seeds must be at least 1 (3 or more give a noise floor with a spread), got {seeds}")
+    refs = resolve_models(models, modes or runtime_modes())
+    for name in systems:
+        system = get_system(name)
+        for ref in refs[1:]:
+            potential = load(ref, "cell_list" if system.is_periodic else "all_pairs")
+            potential.check_inputs(system.atomic_numbers, system.positions, system.box)
+    return Campaign(str(Path(out).resolve()), protocol, tuple(refs), tuple(dict.fromkeys(systems)),
+                    tuple(range(1, seeds + 1)))
 
-    Returns the report dict (also written to ``out_dir/report.json`` with ``report.md`` and PNGs).
-    """
-    out = Path(out_dir)
-    system = get_system(system_name)
-    neighborlist = "cell_list" if system.is_periodic else "all_pairs"
-    quantized = load_potential(model, neighborlist)
-    reference = quantized.model_name
-    fp32 = load_potential(reference, neighborlist)
-    quantized.check_inputs(system.atomic_numbers, system.positions, system.box)
-    fp32_system = create_system(system.topology, fp32, remove_cm_motion=False)
-    q_system = create_system(system.topology, quantized, remove_cm_motion=False)
 
-    start = _start_state(out / "start.npz", lambda: prepare_start(fp32_system, system.positions_nm(), settings),
-                         settings.key())
-    runs = {
-        "fp32": run_nve(fp32_system, start, settings, out / "checkpoint-fp32.npz", "FP32 NVE", progress),
-        "quantized": run_nve(q_system, start, settings, out / "checkpoint-quantized.npz", "quantized NVE", progress),
+def validate(campaign: Campaign, thresholds: Thresholds = Thresholds(),
+             execution: Execution = Execution()) -> dict[str, Any]:
+    """Run (or resume) ``campaign``, merge its results and write report.json and report.html
+    into its output folder. Returns the report."""
+    t0 = time.perf_counter()
+    statuses = [] if execution.report_only else execute(campaign, execution.scheduler, execution.workers,
+                                                        execution.serial)
+    body = merge(campaign, thresholds, {s["task"]: s for s in statuses})
+    counts = {state: sum(s["status"] == state for s in statuses) for state in ("done", "reused", "failed")}
+    names = ", ".join(m.label for m in campaign.models[1:]) or campaign.reference.label
+    report = {
+        "title": f"nnpq validation: {names} against {campaign.reference.label}",
+        "nnpq_version": nnpq.__version__,
+        "platform": campaign.platform_name(),
+        "protocol": campaign.protocol.to_dict(),
+        "seeds": list(campaign.seeds),
+        "models": [dataclasses.asdict(m) for m in campaign.models],
+        "thresholds": thresholds.to_dict(),
+        **body,
+        "execution": {"wall_seconds": time.perf_counter() - t0, "tasks": counts},
     }
+    out = Path(campaign.out)
+    write_report_json(out / "report.json", report)
+    from nnpq.validation.schema import read_report
 
-    fp32_run = runs["fp32"]
-    pick = np.unique(np.linspace(0, len(fp32_run.time_ps) - 1, MAX_ERROR_FRAMES).astype(int))
-    frames = fp32_run.positions_nm[pick] * NM_TO_ANGSTROM
-    errors = compare_models(fp32, quantized, system.atomic_numbers, frames, system.box, units="kj")
-
-    rmsd_nm = rmsd_series(fp32_run.positions_nm, runs["quantized"].positions_nm, periodic=system.is_periodic)
-    comparison: dict[str, np.ndarray] = {"time_ps": fp32_run.time_ps, "rmsd_angstrom": rmsd_nm * NM_TO_ANGSTROM}
-    for label, run in runs.items():
-        dihedrals = dihedral_series(system.topology, run.positions_nm)
-        if dihedrals is not None:
-            comparison[f"phi_deg_{label}"] = dihedrals["phi_deg"]
-            comparison[f"psi_deg_{label}"] = dihedrals["psi_deg"]
-
-    report: dict[str, Any] = {
-        "model": str(model),
-        "reference": reference,
-        "system": {"name": system.name, "n_atoms": system.n_atoms, "periodic": system.is_periodic},
-        "settings": settings.__dict__,
-        "errors": {k: errors[k] for k in ("energy", "force")},
-        "error_frames": int(len(pick)),
-        "rmsd_angstrom_final": float(comparison["rmsd_angstrom"][-1]),
-        "rmsd_angstrom_max": float(comparison["rmsd_angstrom"].max()),
-        "timing": {label: {"seconds_per_step": run.seconds_per_step} for label, run in runs.items()},
-    }
-    series: dict[str, dict[str, np.ndarray]] = {"comparison": comparison}
-    for label, run in runs.items():
-        report[label] = {"drift": fit_drift(run.time_ps, run.total_kj_mol, run.kinetic_kj_mol, system.n_atoms)}
-        series[label] = {"time_ps": run.time_ps, "total_kj_mol": run.total_kj_mol,
-                         "kinetic_kj_mol": run.kinetic_kj_mol, "potential_kj_mol": run.potential_kj_mol}
-    title = f"nnpq validation: {Path(str(model)).name} vs {reference} FP32 on {system.name}"
-    report["files"] = write_report(out, report, series, title)
+    report = read_report(out / "report.json")  # the page shows exactly what the file holds
+    write_html(out / "report.html", report)
     return report
-
