@@ -18,91 +18,138 @@ import torch
 from torch import Tensor
 
 INT8_MAX = 127.0
-
-
-def block_bounds(width: int, blocks: list[int]) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` of consecutive column blocks of the given widths, which must add up to ``width``."""
-    if sum(blocks) != width or any(b <= 0 for b in blocks):
-        raise ValueError(f"blocks {blocks} do not tile {width} columns")
-    bounds, start = [], 0
-    for b in blocks:
-        bounds.append((start, start + b))
-        start += b
-    return bounds
+PLANE_RATIO = 254.0  # a plane's remainder lies in [-0.5, 0.5] of its step: the next plane's step is 1/254 of it
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric INT8 codes of ``x`` ``(M, K)`` with one scale per row: ``x ~ codes * scale``."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / INT8_MAX
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min(1e-30) / INT8_MAX
     codes = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return codes, scale
 
 
-def quantize_weight_blocks(weight: Tensor, blocks: list[int]) -> tuple[list[Tensor], Tensor]:
-    """Symmetric INT8 codes of ``weight`` ``(N, K)``, one scale per output row and column block.
+def quantize_weight_blocks(weight: Tensor, width: int) -> tuple[list[Tensor], Tensor]:
+    """Symmetric INT8 codes of ``weight`` ``(N, K)``, one scale per output row and block of ``width`` columns.
 
-    Returns the codes of each block (``(N, K_b)``, contiguous) and the scales ``(N, blocks)``.
+    Returns the codes of each block (``(N, width)``, contiguous) and the scales ``(N, K // width)``.
     """
     codes, scales = [], []
-    for start, stop in block_bounds(weight.shape[1], blocks):
-        q, s = quantize_rows(weight[:, start:stop])
+    for start in range(0, weight.shape[1], width):
+        q, s = quantize_rows(weight[:, start:start + width])
         codes.append(q.contiguous())
         scales.append(s)
     return codes, torch.cat(scales, dim=1)
 
 
-def int8_linear(x: Tensor, codes: list[Tensor], w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def quantize_planes(x: Tensor, planes: int) -> tuple[Tensor, Tensor]:
+    """``x`` ``(M, K)`` as ``planes`` stacked INT8 codes ``(planes * M, K)`` and row scales ``(M, 1)``.
+
+    ``x ~ scale * sum_p codes[p] / 254**p``: each plane rounds what the planes before it left,
+    so two planes carry ~15 bits per row at the cost of a product with twice the rows.
+    """
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min(1e-30) / INT8_MAX
+    t = x / scale
+    codes = []
+    for p in range(planes):
+        q = torch.round(t)
+        codes.append(q.to(torch.int8))
+        if p + 1 < planes:
+            t = t.sub_(q).mul_(PLANE_RATIO)
+    return torch.cat(codes, 0) if planes > 1 else codes[0], scale
+
+
+def _sum_planes(products: Tensor, planes: int) -> Tensor:
+    """``sum_p products[p] / 254**p`` of an int32 ``(planes * M, N)`` product, float32 ``(M, N)``."""
+    parts = products.to(torch.float32).view(planes, products.shape[0] // planes, products.shape[1])
+    out = parts[planes - 1]
+    for p in range(planes - 2, -1, -1):
+        out = torch.add(parts[p], out, alpha=1.0 / PLANE_RATIO)
+    return out
+
+
+def _dequantize_planes(codes: Tensor, scale: Tensor, planes: int) -> Tensor:
+    """Float64 value of `quantize_planes`' output (for the references)."""
+    parts = codes.double().view(planes, -1, codes.shape[1])
+    weights = torch.tensor([PLANE_RATIO ** -p for p in range(planes)], dtype=torch.float64).view(planes, 1, 1)
+    return (parts * weights).sum(0) * scale.double()
+
+
+def int8_linear(x: Tensor, codes: list[Tensor], w_scale: Tensor, bias: Tensor | None, planes: int = 1) -> Tensor:
     """``x @ W.T + bias`` on ``torch._int_mm``, ``W`` as block codes ``(N, K_b)`` and scales ``(N, blocks)``.
 
-    ``x`` ``(M, K)`` float32 is rounded to INT8 per row and block. Result ``(M, N)`` float32.
+    ``x`` ``(M, K)`` float32 is rounded to ``planes`` INT8 planes per row and block, stacked as
+    rows of one product per block. Result ``(M, N)`` float32.
     """
     out: Tensor | None = None
     start = 0
     for b, q_w in enumerate(codes):
         stop = start + q_w.shape[1]
-        q_x, s_x = quantize_rows(x[:, start:stop])
-        part = torch._int_mm(q_x, q_w.t()).to(torch.float32).mul_(s_x).mul_(w_scale[:, b])
+        q_x, s_x = quantize_planes(x[:, start:stop], planes)
+        part = _sum_planes(torch._int_mm(q_x, q_w.t()), planes).mul_(s_x).mul_(w_scale[:, b])
         out = part if out is None else out.add_(part)
         start = stop
     assert out is not None
     return out if bias is None else out.add_(bias)
 
 
-def int8_linear_reference(x: Tensor, codes: list[Tensor], w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def int8_linear_reference(x: Tensor, codes: list[Tensor], w_scale: Tensor, bias: Tensor | None,
+                          planes: int = 1) -> Tensor:
     """Plain-torch `int8_linear`: the same roundings, dequantized, in a float64 matmul."""
     xs, ws, start = [], [], 0
     for b, q_w in enumerate(codes):
         stop = start + q_w.shape[1]
-        q_x, s_x = quantize_rows(x[:, start:stop])
-        xs.append(q_x.double() * s_x.double())
+        xs.append(_dequantize_planes(*quantize_planes(x[:, start:stop], planes), planes))
         ws.append(q_w.double() * w_scale[:, b:b + 1].double())
         start = stop
     out = torch.cat(xs, 1) @ torch.cat(ws, 1).t()
     return (out if bias is None else out + bias.double()).to(torch.float32)
 
 
-def int8_input_grad(grad_out: Tensor, codes: list[Tensor], w_scale: Tensor) -> Tensor:
+def int8_input_grad(grad_out: Tensor, codes: list[Tensor], w_scale: Tensor, planes: int = 1) -> Tensor:
     """``grad_out @ W`` (the input gradient of `int8_linear`'s product) on ``torch._int_mm``.
 
     ``W``'s row scales lie on the reduction axis, so they are folded into ``grad_out`` (exact),
-    which is then rounded to INT8 per row and block. Result ``(M, K)`` float32.
+    which is then rounded to ``planes`` INT8 planes per row. Result ``(M, K)`` float32.
     """
     parts = []
     for b, q_w in enumerate(codes):
-        q_g, s_g = quantize_rows(grad_out * w_scale[:, b])
-        parts.append(torch._int_mm(q_g, q_w).to(torch.float32).mul_(s_g))
-    return torch.cat(parts, dim=1)
+        q_g, s_g = quantize_planes(grad_out * w_scale[:, b], planes)
+        parts.append(_sum_planes(torch._int_mm(q_g, q_w), planes).mul_(s_g))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def int8_input_grad_reference(grad_out: Tensor, codes: list[Tensor], w_scale: Tensor) -> Tensor:
+def int8_input_grad_reference(grad_out: Tensor, codes: list[Tensor], w_scale: Tensor, planes: int = 1) -> Tensor:
     """Plain-torch `int8_input_grad`: the same roundings in float64."""
     parts = []
     for b, q_w in enumerate(codes):
-        q_g, s_g = quantize_rows(grad_out * w_scale[:, b])
-        parts.append((q_g.double() * s_g.double()) @ q_w.double())
+        g = _dequantize_planes(*quantize_planes(grad_out * w_scale[:, b], planes), planes)
+        parts.append(g @ q_w.double())
     return torch.cat(parts, dim=1).to(torch.float32)
 
 
 def celu_slope(y: Tensor, alpha: float) -> Tensor:
-    """``d celu(z) / dz`` from the output ``y = celu(z)``: 1 where ``z > 0``, else ``y / alpha + 1``."""
+    """``d celu(z) / dz`` from the output ``y = celu(z)``: 1 where ``z > 0``, else ``y / alpha + 1``.
+
+    ``y / alpha + 1`` exceeds 1 exactly where ``y > 0``, so clamping it at 1 gives both branches.
+    """
+    return y.mul(1.0 / alpha).add_(1.0).clamp_(max=1.0)
+
+
+def celu_slope_reference(y: Tensor, alpha: float) -> Tensor:
+    """Plain-torch `celu_slope`: the two branches written out."""
     return torch.where(y > 0, torch.ones_like(y), y / alpha + 1.0)
+
+
+def dequantize_codes(qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
+    """Float32 ``(q - zero) * scale`` ``(out, in)`` from int8 codes, scales ``(rows, groups)``, zero points.
+
+    The int8 codes are widened inside the multiplication (one pass, no float32 copy of the
+    codes); an asymmetric format subtracts ``zero * scale`` per group in place.
+    Reference: `nnpq.kernels.int8.dequantize_weight`.
+    """
+    out_features, in_features = qweight.shape
+    groups = in_features // group_size
+    w = qweight.view(out_features, groups, group_size) * scale.unsqueeze(-1)
+    if zero is not None:
+        w.sub_((zero.to(torch.float32) * scale).unsqueeze(-1))
+    return w.view(out_features, in_features)

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from nnpq.errors import NnpqError
-from nnpq.kernels.cpu import celu_slope, int8_input_grad, int8_linear, quantize_weight_blocks
-from nnpq.kernels.int8 import dequantize_weight
+from nnpq.kernels.cpu import celu_slope, dequantize_codes, int8_input_grad, int8_linear, quantize_weight_blocks
 from nnpq.spec.formats import TensorFormat
 from nnpq.spec.plan import QuantPlan
 
@@ -35,8 +34,10 @@ class IntWeight(torch.nn.Module):
     """Consecutive members' weights of one layer as int8 codes, stacked ``(members * out, in)``."""
 
     members: int
+    group_size: int
+    equalized: bool
 
-    def __init__(self, qweight: Tensor, scale: Tensor, zero: Tensor, col_scale: Tensor | None,
+    def __init__(self, qweight: Tensor, scale: Tensor, zero: Tensor | None, col_scale: Tensor | None,
                  group_size: int, members: int) -> None:
         super().__init__()
         self.members = members
@@ -44,14 +45,14 @@ class IntWeight(torch.nn.Module):
         self.equalized = col_scale is not None
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
+        self.register_buffer("zero", zero)  # None for symmetric formats
         self.register_buffer("col_scale", col_scale if col_scale is not None else torch.ones(1, 1))
 
     def dequantize(self) -> Tensor:
-        w = dequantize_weight(self.qweight, self.scale, self.zero, self.group_size, None)
+        w = dequantize_codes(self.qweight, self.scale, self.zero, self.group_size)
         if self.equalized:
             rows, cols = w.shape
-            w = (w.view(self.members, rows // self.members, cols) / self.col_scale.unsqueeze(1)).view(rows, cols)
+            w.view(self.members, rows // self.members, cols).div_(self.col_scale.unsqueeze(1))
         return w
 
 
@@ -144,22 +145,48 @@ class ElementNet(torch.nn.Module):
         # backward: dE/d(final input) is the final weight / members, for every atom
         g = (ws[last] / self.members).expand(self.members, n, ws[last].shape[2])
         for i in range(last - 1, -1, -1):
-            g = torch.bmm(g * celu_slope(ys[i + 1], self.alpha), ws[i])
-        dz0 = (g * celu_slope(ys[0], self.alpha)).transpose(0, 1).reshape(n, -1)
+            g = torch.bmm(celu_slope(ys[i + 1], self.alpha).mul_(g), ws[i])
+        dz0 = celu_slope(ys[0], self.alpha).mul_(g).transpose(0, 1).reshape(n, -1)
         return energies, self.first_backward(dz0, w0)
 
 
-class FastElementNet(ElementNet):
-    """`ElementNet` whose layer 0 runs W8A8 on ``torch._int_mm``, forward and input gradient.
+def block_width(in_features: int) -> int:
+    """Columns per weight scale when layer 0 is re-rounded: the widest divisor of ``in_features``
+    that is a multiple of 8 (``_int_mm``'s fast path) and at most 128 (112 for ANI-2x's 1008)."""
+    widths = [w for w in range(8, 129, 8) if in_features % w == 0]
+    return widths[-1] if widths else in_features
 
-    The layer-0 weight is re-rounded at load to symmetric INT8 with one scale per output row
-    and AEV block; activations are rounded per atom and block at run time; later layers stay
-    exact (float32, dequantized per call).
+
+def layer0_int8(layer: StackedLayer) -> tuple[list[Tensor], Tensor]:
+    """Symmetric INT8 block codes ``[(rows, K_b), ...]`` and scales ``(rows, blocks)`` of a stacked layer 0."""
+    block = layer.blocks[0]
+    if (len(layer.blocks) == 1 and isinstance(block, IntWeight) and block.zero is None and not block.equalized
+            and block.group_size == block.qweight.shape[1]):
+        return [block.qweight], block.scale
+    weight = layer.weight()
+    return quantize_weight_blocks(weight, block_width(weight.shape[1]))
+
+
+class FastElementNet(ElementNet):
+    """`ElementNet` whose layer 0 runs on ``torch._int_mm``, forward and input gradient.
+
+    Layer 0's weight is symmetric INT8 with one scale per output row and column block: the
+    stored codes themselves when the plan's format is symmetric per channel (or per tensor)
+    without equalization, so it adds no weight error; otherwise the stored weight re-rounded
+    at load in blocks of `block_width` columns. Activations (and the output gradient in the
+    backward product) are split into ``planes`` INT8 planes per row and block, each rounding
+    what the previous left (two planes: ~15 bits). Later layers stay exact.
     """
 
-    def __init__(self, layers: list[StackedLayer], members: int, blocks: list[int]) -> None:
+    planes: int
+    grad_planes: int
+    n_blocks: int
+
+    def __init__(self, layers: list[StackedLayer], members: int, planes: int = 2, grad_planes: int = 2) -> None:
         super().__init__(layers, members)
-        codes, scales = quantize_weight_blocks(layers[0].weight(), blocks)
+        self.planes = planes
+        self.grad_planes = grad_planes
+        codes, scales = layer0_int8(layers[0])
         self.n_blocks = len(codes)
         self.register_buffer("w_scale", scales)
         for i, q in enumerate(codes):
@@ -174,20 +201,20 @@ class FastElementNet(ElementNet):
 
     @torch.jit.unused
     def first_forward(self, x: Tensor, w0: Tensor) -> Tensor:
-        return int8_linear(x, self._codes(), self.w_scale, self.layers[0].bias)
+        return int8_linear(x, self._codes(), self.w_scale, self.layers[0].bias, self.planes)
 
     @torch.jit.unused
     def first_backward(self, dz: Tensor, w0: Tensor) -> Tensor:
-        return int8_input_grad(dz, self._codes(), self.w_scale)
+        return int8_input_grad(dz, self._codes(), self.w_scale, self.grad_planes)
 
 
 class FusedNetworks(torch.nn.Module):
     """All element networks: ``(species (N,), aev (N, K))`` -> atomic energies ``(N,)`` in Hartree.
 
-    The AEV gradient is joined to autograd by a linearization that TorchScript can hold:
-    the output is ``E + sum((aev - aev.detach()) * dE/daev)``, whose value is ``E`` exactly and
-    whose derivative with respect to ``aev`` is the hand-computed gradient (first derivatives
-    only: nothing differentiates through the gradient itself).
+    The hand-computed ``dE/daev`` joins autograd through `_AtomicEnergies` (an autograd
+    Function) in Python, and under TorchScript, which has no custom Functions, through a
+    linearization: ``E + sum((aev - aev.detach()) * dE/daev)`` has the value ``E`` exactly and
+    the derivative ``dE/daev``. Either way only first derivatives are available.
     """
 
     mode: str
@@ -197,11 +224,10 @@ class FusedNetworks(torch.nn.Module):
         self.elements = torch.nn.ModuleList(elements)
         self.mode = mode
 
-    def forward(self, species: Tensor, aev: Tensor) -> Tensor:
-        x = aev.detach()
-        need_grad = aev.requires_grad
-        energies = x.new_zeros(x.shape[0])
-        grad = torch.zeros_like(x) if need_grad else x.new_zeros(0)
+    def energies_and_gradient(self, species: Tensor, x: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
+        """Atomic energies ``(N,)`` and, when ``need_grad``, ``dE/dx`` ``(N, K)`` (else an empty tensor)."""
+        energies = x.new_empty(x.shape[0])
+        grad = torch.empty_like(x) if need_grad else x.new_zeros(0)
         for i, net in enumerate(self.elements):
             index = (species == i).nonzero().flatten()
             if index.numel() > 0:
@@ -209,9 +235,30 @@ class FusedNetworks(torch.nn.Module):
                 energies.index_copy_(0, index, e)
                 if need_grad:
                     grad.index_copy_(0, index, g)
-        if need_grad:
-            energies = energies + ((aev - x) * grad).sum(1)
+        return energies, grad
+
+    def forward(self, species: Tensor, aev: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return _AtomicEnergies.apply(self, species, aev)
+        energies, grad = self.energies_and_gradient(species, aev.detach(), aev.requires_grad)
+        if aev.requires_grad:
+            energies = energies + ((aev - aev.detach()) * grad).sum(1)
         return energies
+
+
+class _AtomicEnergies(torch.autograd.Function):
+    """Atomic energies whose backward is the hand-computed ``dE/daev`` of `FusedNetworks`."""
+
+    @staticmethod
+    def forward(ctx, networks: FusedNetworks, species: Tensor, aev: Tensor) -> Tensor:
+        energies, grad = networks.energies_and_gradient(species, aev, ctx.needs_input_grad[2])
+        ctx.save_for_backward(grad)
+        return energies
+
+    @staticmethod
+    def backward(ctx, grad_energies: Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, None, grad * grad_energies.unsqueeze(1)
 
 
 # --- construction from a state dict ------------------------------------------------------------
@@ -237,7 +284,7 @@ def _weight_block(tensors: dict[str, Tensor], prefixes: list[str], fmt: TensorFo
     rows = qweight.shape[0] // len(prefixes)
     # per-tensor scales (one per member) are repeated over that member's rows so blocks stack
     scale = torch.cat([tensors[p + "scale"].expand(rows, -1) for p in prefixes], 0).contiguous()
-    zero = tensors[prefixes[0] + "zero"]
+    zero = None
     if not fmt.symmetric:
         zero = torch.cat([tensors[p + "zero"].expand(rows, -1) for p in prefixes], 0).contiguous()
     col_scale = torch.stack([tensors[p + "col_scale"] for p in prefixes]) if equalized else None
@@ -259,7 +306,7 @@ def _stacked_layer(tensors: dict[str, Tensor], plan: QuantPlan, element: str, la
 
 
 def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensors: dict[str, Tensor],
-                   mode: str = "exact", blocks: list[int] | None = None) -> FusedNetworks:
+                   mode: str = "exact") -> FusedNetworks:
     """The fused networks of a TorchANI-layout state dict (an artifact's tensors or an FP32 model's).
 
     Args:
@@ -267,7 +314,6 @@ def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensor
         plan: the storage format of every layer (an empty plan: all FP32).
         tensors: the state dict, keys as ``potentials.nnp.neural_networks.members.3.atomics.H.layers.0.qweight``.
         mode: ``exact`` or ``fast``.
-        blocks: ``fast`` mode: widths of the AEV column blocks that get their own INT8 scales.
 
     Raises:
         NnpqError: a tensor the plan needs is missing.
@@ -280,7 +326,7 @@ def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensor
             layers = [_stacked_layer(tensors, plan, element, layer, members, n_hidden)
                       for layer in range(n_hidden + 1)]
             if mode == "fast":
-                elements.append(FastElementNet(layers, members, blocks or [layers[0].weight().shape[1]]))
+                elements.append(FastElementNet(layers, members))
             else:
                 elements.append(ElementNet(layers, members))
     except KeyError as exc:
