@@ -64,7 +64,7 @@ class DenseWeight(torch.nn.Module):
         self.register_buffer("weight", weight)
 
     def dequantize(self) -> Tensor:
-        return self.weight.to(torch.float32)
+        return self.weight
 
 
 class StackedLayer(torch.nn.Module):
@@ -76,10 +76,10 @@ class StackedLayer(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def weight(self) -> Tensor:
-        """The float32 weight ``(members * out, in)``, built now and owned by the caller."""
+        """The weight ``(members * out, in)`` in the biases' dtype (float32), built now and owned by the caller."""
         parts: list[Tensor] = []
         for block in self.blocks:
-            parts.append(block.dequantize())
+            parts.append(block.dequantize().to(self.bias.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
