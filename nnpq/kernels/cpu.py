@@ -21,9 +21,15 @@ INT8_MAX = 127.0
 PLANE_RATIO = 254.0  # a plane's remainder lies in [-0.5, 0.5] of its step: the next plane's step is 1/254 of it
 
 
+def _row_scale(x: Tensor) -> Tensor:
+    """``max |x|`` of each row ``/ 127`` as ``(M, 1)``: one pass (min and max together), no ``|x|`` copy."""
+    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    return torch.maximum(high, low.neg()).clamp_min_(1e-30).div_(INT8_MAX)
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric INT8 codes of ``x`` ``(M, K)`` with one scale per row: ``x ~ codes * scale``."""
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min(1e-30) / INT8_MAX
+    scale = _row_scale(x)
     codes = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return codes, scale
 
@@ -47,15 +53,16 @@ def quantize_planes(x: Tensor, planes: int) -> tuple[Tensor, Tensor]:
     ``x ~ scale * sum_p codes[p] / 254**p``: each plane rounds what the planes before it left,
     so two planes carry ~15 bits per row at the cost of a product with twice the rows.
     """
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min(1e-30) / INT8_MAX
-    t = x / scale
-    codes = []
+    m = x.shape[0]
+    scale = _row_scale(x)
+    t = x * scale.reciprocal()  # |t| <= 127
+    codes = torch.empty(planes * m, x.shape[1], dtype=torch.int8, device=x.device)
     for p in range(planes):
         q = torch.round(t)
-        codes.append(q.to(torch.int8))
+        codes[p * m:(p + 1) * m].copy_(q)
         if p + 1 < planes:
             t = t.sub_(q).mul_(PLANE_RATIO)
-    return torch.cat(codes, 0) if planes > 1 else codes[0], scale
+    return codes, scale
 
 
 def _sum_planes(products: Tensor, planes: int) -> Tensor:

@@ -44,7 +44,12 @@ class TorchaniAEV(torch.nn.Module):
 
 
 def _aev_module(computer: torch.nn.Module) -> torch.nn.Module:
-    return TorchaniAEV(computer)
+    """The fast AEV (`nnpq.runtime.aev.FastAEV`) where that module exists, else TorchANI's own."""
+    try:
+        from nnpq.runtime.aev import FastAEV
+    except ImportError:
+        return TorchaniAEV(computer)
+    return FastAEV.from_torchani(computer)
 
 
 class RuntimePotential(Potential):
