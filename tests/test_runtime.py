@@ -33,9 +33,9 @@ def _spread_inputs(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen) * torch.logspace(-3, 1, cols)[torch.randperm(cols, generator=gen)]
 
 
-@pytest.mark.parametrize("planes", [1, 2])
-def test_int8_linear_and_input_grad_equal_references(planes):
-    x = _spread_inputs(37, 224)
+@pytest.mark.parametrize("planes,rows", [(1, 37), (2, 37), (1, 5)])  # 5 rows: the padded short product
+def test_int8_linear_and_input_grad_equal_references(planes, rows):
+    x = _spread_inputs(rows, 224)
     weight = torch.randn(48, 224, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(48)
     codes, scales = cpu.quantize_weight_blocks(weight, 112)
@@ -43,7 +43,7 @@ def test_int8_linear_and_input_grad_equal_references(planes):
     out = cpu.int8_linear(x, codes, scales, bias, planes)
     ref = cpu.int8_linear_reference(x, codes, scales, bias, planes)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    grad_out = torch.randn(37, 48)
+    grad_out = torch.randn(rows, 48)
     g = cpu.int8_input_grad(grad_out, codes, scales, planes)
     g_ref = cpu.int8_input_grad_reference(grad_out, codes, scales, planes)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))

@@ -187,6 +187,7 @@ class FastElementNet(ElementNet):
         self.planes = planes
         self.grad_planes = grad_planes
         codes, scales = layer0_int8(layers[0])
+        layers[0].blocks = torch.nn.ModuleList()  # only the INT8 copy (and the bias) is used from now on
         self.n_blocks = len(codes)
         self.register_buffer("w_scale", scales)
         for i, q in enumerate(codes):
