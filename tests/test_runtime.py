@@ -269,7 +269,7 @@ def test_exact_mode_runs_in_openmm_torchforce_and_fast_in_pythonforce(w8_path, w
 
     system = get_system("ethanol")
     for mode, backend in (("exact", "torchforce"), ("fast", "pythonforce")):
-        omm = create_system(system.topology, w8_path, mode=mode, remove_cm_motion=False)
+        omm = create_system(system.topology, w8_path, mode=mode, backend=backend, remove_cm_motion=False)
         force = omm.getForce(0)
         assert isinstance(force, openmm.PythonForce) == (backend == "pythonforce"), (mode, type(force))
         context = openmm.Context(omm, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))

@@ -19,7 +19,7 @@ from openmm import unit
 from torch import Tensor
 
 from nnpq.errors import NnpqError
-from nnpq.models import Potential, load_potential
+from nnpq.models import ANIPotential, Potential, load_potential
 from nnpq.units import HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
 
 BACKENDS = ("torchforce", "pythonforce")
@@ -106,8 +106,9 @@ def make_force(topology: app.Topology, model: str | os.PathLike | Potential, *,
     Args:
         model: FP32 name (``ani2x``), path to an ``.nnpq`` file, or a loaded `Potential`.
         atoms: indices of the atoms the potential acts on (default: all).
-        backend: ``torchforce`` (openmm-torch) or ``pythonforce``; by default TorchForce, except
-            for the ``fast`` mode, which TorchScript cannot hold.
+        backend: ``torchforce`` (openmm-torch) or ``pythonforce``; by default TorchForce for
+            TorchANI models and PythonForce for the fused runtime (``exact`` also runs in
+            TorchForce, slowly for now; ``fast`` only in PythonForce).
         neighborlist: ``all_pairs`` or ``cell_list``; default cell list for periodic systems.
         mode: runtime mode (``exact``, ``fast``; see `nnpq.models.load_potential`).
     """
@@ -116,7 +117,9 @@ def make_force(topology: app.Topology, model: str | os.PathLike | Potential, *,
     periodic = topology.getPeriodicBoxVectors() is not None
     potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode)
     if backend is None:
-        backend = "pythonforce" if potential.mode == "fast" else "torchforce"
+        # the fused runtime runs eagerly in PythonForce: under TorchScript (TorchForce) its first
+        # steps took ~50 s and later ones ~4x the TorchANI reference's (measured on ethanol)
+        backend = "torchforce" if isinstance(potential, ANIPotential) else "pythonforce"
     if backend == "torchforce" and potential.mode == "fast":
         raise NnpqError("the fast mode runs in Python only (its INT8 kernels are not TorchScript); "
                         "use backend='pythonforce' or mode='exact'")
