@@ -171,7 +171,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from nnpq.validation.user_eval import evaluate_files, format_evaluation
 
     result = evaluate_files(args.model, args.input, topology=args.topology, reference=args.reference,
-                            progress=not args.quiet)
+                            progress=not args.quiet, mode=args.mode)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.output:
         try:
@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="XYZ, extended XYZ, PDB or DCD files; every frame is evaluated")
     p.add_argument("--topology", metavar="PDB", help="topology for DCD inputs")
     p.add_argument("--reference", help="model to compare against (default: the FP32 model it was made from)")
+    p.add_argument("--mode", choices=("exact", "fast"), default=None,
+                   help="runtime mode: exact (default for .nnpq files; weight-only, forces are the exact gradient) "
+                        "or fast (INT8 activations on integer matrix products)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("-o", "--output", metavar="OUT.json", help="also write the JSON results to this file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

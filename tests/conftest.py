@@ -76,7 +76,15 @@ def w8_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def w8_ani2x(w8_path: Path):
-    """The quantized runtime loaded from `w8_path`."""
+    """The fused runtime (exact mode) loaded from `w8_path`."""
     from nnpq.models import load_potential
 
     return load_potential(w8_path)
+
+
+@pytest.fixture(scope="session")
+def w8_reference(w8_path: Path):
+    """The same file through TorchANI's per-member quantized layers: the plain-torch reference runtime."""
+    from nnpq.models import load_quantized
+
+    return load_quantized(w8_path, mode="reference")

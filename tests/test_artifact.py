@@ -109,15 +109,15 @@ def test_loading_twice_is_bit_identical(w8_path):
         assert np.array_equal(f1, f2)
 
 
-def test_file_equals_in_memory_quantized_model(w8_path, w8_ani2x, in_memory_w8):
+def test_file_equals_in_memory_quantized_model(w8_path, w8_reference, in_memory_w8):
     memory = ANIPotential(in_memory_w8, "memory", "ani2x")
-    loaded_state, memory_state = w8_ani2x.state_dict(), memory.state_dict()
+    loaded_state, memory_state = w8_reference.state_dict(), memory.state_dict()
     assert set(loaded_state) == set(memory_state)
     for key, value in memory_state.items():
         assert loaded_state[key].dtype == value.dtype, key
         assert torch.equal(loaded_state[key], value), key
     for name in ("aspirin", "sfcl-sulfonamide"):
-        e_file, f_file = _energy_forces(w8_ani2x, name)
+        e_file, f_file = _energy_forces(w8_reference, name)
         e_mem, f_mem = _energy_forces(memory, name)
         assert e_file == e_mem
         assert np.array_equal(f_file, f_mem)

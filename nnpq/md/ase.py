@@ -9,7 +9,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from nnpq.errors import NnpqError
-from nnpq.models import ANIPotential, energy_and_forces, load_potential
+from nnpq.models import Potential, energy_and_forces, load_potential
 from nnpq.models.domain import check_domain
 from nnpq.units import HARTREE_TO_EV_
 
@@ -19,31 +19,34 @@ class NnpqCalculator(Calculator):
 
     Args:
         model: path to an ``.nnpq`` file, an FP32 model name (``ani2x``), or a loaded
-            `ANIPotential`.
+            `Potential`.
         neighborlist: ``all_pairs`` or ``cell_list``; by default the cell list for periodic
             atoms and all pairs otherwise (chosen at the first calculation).
+        mode: runtime mode (``exact``, ``fast``; see `nnpq.models.load_potential`).
 
     Periodic systems need ``pbc`` on all three axes; partial periodicity is rejected.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
-    def __init__(self, model: str | os.PathLike | ANIPotential, neighborlist: str | None = None, **kwargs) -> None:
+    def __init__(self, model: str | os.PathLike | Potential, neighborlist: str | None = None,
+                 mode: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self._model = model
         self._neighborlist = neighborlist
-        self._potential: ANIPotential | None = model if isinstance(model, ANIPotential) else None
+        self._mode = mode
+        self._potential: Potential | None = model if isinstance(model, Potential) else None
         if self._potential is None and neighborlist is not None:
-            self._potential = load_potential(model, neighborlist)
+            self._potential = load_potential(model, neighborlist, mode)
 
     @property
-    def potential(self) -> ANIPotential | None:
+    def potential(self) -> Potential | None:
         """The loaded potential (``None`` until the first calculation when loaded lazily)."""
         return self._potential
 
-    def _resolve(self, periodic: bool) -> ANIPotential:
+    def _resolve(self, periodic: bool) -> Potential:
         if self._potential is None:
-            self._potential = load_potential(self._model, "cell_list" if periodic else "all_pairs")
+            self._potential = load_potential(self._model, "cell_list" if periodic else "all_pairs", self._mode)
         return self._potential
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:

@@ -19,7 +19,7 @@ from openmm import unit
 from torch import Tensor
 
 from nnpq.errors import NnpqError
-from nnpq.models import ANIPotential, load_potential
+from nnpq.models import ANIPotential, Potential, load_potential
 from nnpq.units import HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
 
 BACKENDS = ("torchforce", "pythonforce")
@@ -32,7 +32,7 @@ class OpenMMEnergy(torch.nn.Module):
     region can be part of a larger system.
     """
 
-    def __init__(self, potential: ANIPotential, numbers: Iterable[int], atoms: Iterable[int] | None = None) -> None:
+    def __init__(self, potential: Potential, numbers: Iterable[int], atoms: Iterable[int] | None = None) -> None:
         super().__init__()
         self.potential = potential
         numbers = torch.as_tensor(list(numbers), dtype=torch.long)
@@ -102,21 +102,31 @@ def topology_numbers(topology: app.Topology) -> list[int]:
     return numbers
 
 
-def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, *,
-               atoms: Iterable[int] | None = None, backend: str = "torchforce",
-               neighborlist: str | None = None) -> openmm.Force:
+def make_force(topology: app.Topology, model: str | os.PathLike | Potential, *,
+               atoms: Iterable[int] | None = None, backend: str | None = None,
+               neighborlist: str | None = None, mode: str | None = None) -> openmm.Force:
     """The ANI force for ``topology`` (periodic iff the topology has a box).
 
     Args:
-        model: FP32 name (``ani2x``), path to an ``.nnpq`` file, or a loaded `ANIPotential`.
+        model: FP32 name (``ani2x``), path to an ``.nnpq`` file, or a loaded `Potential`.
         atoms: indices of the atoms the potential acts on (default: all).
-        backend: ``torchforce`` (openmm-torch) or ``pythonforce``.
+        backend: ``torchforce`` (openmm-torch) or ``pythonforce``; by default TorchForce for
+            TorchANI models and PythonForce for the fused runtime (``exact`` also runs in
+            TorchForce, slowly for now; ``fast`` only in PythonForce).
         neighborlist: ``all_pairs`` or ``cell_list``; default cell list for periodic systems.
+        mode: runtime mode (``exact``, ``fast``; see `nnpq.models.load_potential`).
     """
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise NnpqError(f"unknown OpenMM backend '{backend}'; use one of {', '.join(BACKENDS)}")
     periodic = topology.getPeriodicBoxVectors() is not None
-    potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"))
+    potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode)
+    if backend is None:
+        # the fused runtime runs eagerly in PythonForce: under TorchScript (TorchForce) its first
+        # steps took ~50 s and later ones ~4x the TorchANI reference's (measured on ethanol)
+        backend = "torchforce" if isinstance(potential, ANIPotential) else "pythonforce"
+    if backend == "torchforce" and potential.mode == "fast":
+        raise NnpqError("the fast mode runs in Python only (its INT8 kernels are not TorchScript); "
+                        "use backend='pythonforce' or mode='exact'")
     numbers = topology_numbers(topology)
     selected = list(range(len(numbers))) if atoms is None else [int(i) for i in atoms]
     chosen = [numbers[i] for i in selected]
@@ -132,9 +142,10 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
     return force
 
 
-def create_system(topology: app.Topology, model: str | os.PathLike | ANIPotential, *,
-                  atoms: Iterable[int] | None = None, backend: str = "torchforce",
-                  neighborlist: str | None = None, remove_cm_motion: bool = True) -> openmm.System:
+def create_system(topology: app.Topology, model: str | os.PathLike | Potential, *,
+                  atoms: Iterable[int] | None = None, backend: str | None = None,
+                  neighborlist: str | None = None, remove_cm_motion: bool = True,
+                  mode: str | None = None) -> openmm.System:
     """An OpenMM System whose only force is the ANI potential of ``model``.
 
     Masses come from the topology's elements; box vectors from the topology when it has
@@ -148,7 +159,7 @@ def create_system(topology: app.Topology, model: str | os.PathLike | ANIPotentia
     box = topology.getPeriodicBoxVectors()
     if box is not None:
         system.setDefaultPeriodicBoxVectors(*box)
-    system.addForce(make_force(topology, model, atoms=atoms, backend=backend, neighborlist=neighborlist))
+    system.addForce(make_force(topology, model, atoms=atoms, backend=backend, neighborlist=neighborlist, mode=mode))
     if remove_cm_motion:
         system.addForce(openmm.CMMotionRemover())
     return system

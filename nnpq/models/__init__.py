@@ -1,4 +1,4 @@
-"""FP32 ANI loading and the quantized runtime, both behind `ANIPotential`."""
+"""FP32 ANI loading, the TorchANI-based reference runtime and the fused runtime, all behind `Potential`."""
 
 from __future__ import annotations
 
@@ -8,26 +8,50 @@ from pathlib import Path
 
 from nnpq.errors import NnpqError
 from nnpq.models.fp32 import MODEL_SPECS, load_fp32, model_spec
-from nnpq.models.potential import ANIPotential, energy_and_forces
+from nnpq.models.potential import ANIPotential, Potential, energy_and_forces
 
-__all__ = ["ANIPotential", "MODEL_SPECS", "energy_and_forces", "load_fp32", "load_potential",
+__all__ = ["ANIPotential", "MODEL_SPECS", "Potential", "energy_and_forces", "load_fp32", "load_potential",
            "load_quantized", "model_spec"]
 
+# ``reference``: a quantized model run through TorchANI's per-member layers (plain torch, slow)
+LOAD_MODES = ("exact", "fast", "reference")
 
-def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> ANIPotential:
-    """The runtime of a ``.nnpq`` file, ready for engines (energies in Hartree)."""
+
+def _check_load_mode(mode: str) -> str:
+    if mode not in LOAD_MODES:
+        raise NnpqError(f"unknown mode '{mode}'; use exact (weight-only, forces are the exact gradient) "
+                        "or fast (INT8 activations on integer matrix products)")
+    return mode
+
+
+def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs", mode: str = "exact") -> Potential:
+    """The runtime of a ``.nnpq`` file, ready for engines (energies in Hartree).
+
+    Args:
+        mode: ``exact`` (default, the fused runtime, weight-only arithmetic), ``fast`` (INT8
+            activations on ``torch._int_mm``) or ``reference`` (TorchANI's per-member layers).
+    """
     from nnpq.artifact import read_artifact
-    from nnpq.models.runtime import build_runtime
 
+    _check_load_mode(mode)
     artifact = read_artifact(path)
-    try:
-        model = build_runtime(artifact.model_name, artifact.plan, artifact.tensors, neighborlist)
-    except RuntimeError as exc:
-        # torch's first line is only "Error(s) in loading state_dict"; the next one says what is off
-        detail = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2] or ["state dict mismatch"]
-        raise NnpqError(f"{Path(path).name} does not fit the {artifact.model_name} architecture "
-                        f"({detail[0][:200]}); re-create it with 'nnpq quantize'") from None
-    potential = ANIPotential(model, Path(path).name, artifact.model_name)
+    label = Path(path).name
+    if mode != "reference":
+        from nnpq.runtime.potential import runtime_from_tensors
+
+        potential = runtime_from_tensors(artifact.model_name, artifact.plan, artifact.tensors, label, neighborlist,
+                                         mode)
+    else:
+        from nnpq.models.runtime import build_runtime
+
+        try:
+            model = build_runtime(artifact.model_name, artifact.plan, artifact.tensors, neighborlist)
+        except RuntimeError as exc:
+            # torch's first line is only "Error(s) in loading state_dict"; the next one says what is off
+            detail = [line.strip() for line in str(exc).splitlines() if line.strip()][1:2] or ["state dict mismatch"]
+            raise NnpqError(f"{label} does not fit the {artifact.model_name} architecture "
+                            f"({detail[0][:200]}); re-create it with 'nnpq quantize'") from None
+        potential = ANIPotential(model, label, artifact.model_name)
     if "domain" in artifact.manifest:
         from nnpq.models.domain import Domain
 
@@ -35,10 +59,20 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs") -> 
     return potential
 
 
-def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str = "all_pairs") -> ANIPotential:
-    """Resolve what a user passed as a model: a loaded potential, an ``.nnpq`` path, or an FP32 name."""
-    if isinstance(model, ANIPotential):
+def load_potential(model: "str | os.PathLike | Potential", neighborlist: str = "all_pairs",
+                   mode: str | None = None, device: str = "cpu") -> Potential:
+    """Resolve what a user passed as a model: a loaded potential, an ``.nnpq`` path, or an FP32 name.
+
+    Args:
+        mode: ``None`` (the default: ``exact`` for ``.nnpq`` files, TorchANI itself for FP32
+            names), ``exact``, ``fast`` or ``reference``. An FP32 name with ``exact`` runs the
+            fused runtime on the FP32 weights (labelled mode ``fp32``).
+        device: torch device the potential is moved to.
+    """
+    if isinstance(model, Potential):
         return model
+    if mode is not None:
+        _check_load_mode(mode)
     text = os.fspath(model)
     is_name = text.lower().replace("-", "").replace("_", "") in MODEL_SPECS
     if Path(text).is_file():  # an existing file always wins over a model name
@@ -46,8 +80,13 @@ def load_potential(model: "str | os.PathLike | ANIPotential", neighborlist: str 
             warnings.warn(f"'{text}' is both an existing file and the name of an FP32 model; loading the file "
                           f"{Path(text).resolve()} as an .nnpq model (rename or move it to use the FP32 model)",
                           stacklevel=2)
-        return load_quantized(text, neighborlist)
+        return load_quantized(text, neighborlist, mode or "exact").to(device)
     if not is_name and (Path(text).suffix == ".nnpq" or Path(text).exists() or os.sep in text):
-        return load_quantized(text, neighborlist)
+        return load_quantized(text, neighborlist, mode or "exact").to(device)
     spec = model_spec(text)  # the one-line 'unknown model' error for anything else
-    return ANIPotential(load_fp32(spec.name, neighborlist), spec.name, spec.name)
+    fp32 = load_fp32(spec.name, neighborlist)
+    if mode is None or mode == "reference":
+        return ANIPotential(fp32, spec.name, spec.name, "fp32").to(device)
+    from nnpq.runtime.potential import runtime_from_fp32
+
+    return runtime_from_fp32(fp32, spec.name, mode).to(device)

@@ -56,7 +56,7 @@ def _outputs_with_progress(reference, potential, configs: list[Configuration], p
 
 
 def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | None = None,
-                   reference: str | None = None, progress: bool = False) -> dict:
+                   reference: str | None = None, progress: bool = False, mode: str | None = None) -> dict:
     """Energy and force errors of ``model`` against its FP32 reference on every frame of ``inputs``.
 
     Args:
@@ -65,6 +65,8 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
         topology: the topology (PDB) for DCD inputs; other formats ignore it.
         reference: the model to compare against; default the FP32 model ``model`` was made from.
         progress: show a progress bar over frames.
+        mode: runtime mode of ``model`` (``exact``, ``fast``; default exact for ``.nnpq`` files);
+            the reference always runs as TorchANI FP32.
 
     Returns:
         A JSON-able dict: ``overall`` errors (pooled force RMSE and per-atom energy MAE), ``per_file``,
@@ -92,7 +94,7 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
 
     # a cell list is linear in atoms for boxes and also handles vacuum frames
     neighborlist = "cell_list" if any(c.cell is not None for c in configs) else "all_pairs"
-    potential = load_potential(model, neighborlist)
+    potential = load_potential(model, neighborlist, mode)
     check_elements(configs, potential)
     ref_potential = load_potential(reference or potential.model_name, neighborlist)
     check_elements(configs, ref_potential)
@@ -132,6 +134,7 @@ def evaluate_files(model: str | os.PathLike, inputs: list[str], topology: str | 
     return {
         "model": potential.label,
         "model_name": potential.model_name,
+        "mode": potential.mode,
         "reference": ref_potential.label,
         "neighborlist": neighborlist,
         "n_configurations": len(configs),
@@ -159,7 +162,8 @@ def format_evaluation(result: dict) -> str:
         return f"{100.0 * rmse / rms:>8.3f}%" if rms > 0 else f"{'-':>9}"
 
     lines = [
-        f"{result['model']} against reference {result['reference']}: {result['n_configurations']} configurations, "
+        f"{result['model']} (mode {result['mode']}) against reference {result['reference']}: "
+        f"{result['n_configurations']} configurations, "
         f"{result['n_atoms_total']} atoms in all",
         "",
         f"{'':<{width}}{'frames':>8}  {'force RMSE':>12}  {'E MAE/atom':>13}  {'E max/atom':>13}"
