@@ -1,7 +1,7 @@
 """``nnpq simulate``: molecular dynamics with an FP32 or quantized ANI model, in OpenMM or ASE.
 
 A run minimizes, draws velocities and integrates NVE (Verlet), NVT (Langevin) or NPT (Langevin
-plus a barostat), writing into one folder: ``trajectory.dcd|xtc`` (mdtraj), ``state.csv`` (step,
+plus a barostat), writing into one folder: ``trajectory.dcd|xtc`` (appended at checkpoints), ``state.csv`` (step,
 time, potential/kinetic/total energy, temperature, volume, density), ``checkpoint.npz`` every
 ``checkpoint_interval`` steps and ``checkpoint.json`` beside it, the key that ties the checkpoint
 to its model (file sha256 or FP32 name), input structure and settings. ``resume`` continues from
@@ -94,8 +94,13 @@ class SimulationSettings:
             raise NnpqError("temperature and friction must be positive and --minimize-steps not negative")
 
     def key(self) -> dict:
-        """The settings that shape the trajectory (``steps`` left out: a finished run can be extended)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_interval", "platform")}
+        """The settings that shape the continued trajectory.
+
+        Left out: ``steps`` (a finished run can be extended), and what does not change the dynamics
+        after a checkpoint (checkpoint interval, minimization, platform, force backend).
+        """
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("steps", "checkpoint_interval", "platform", "backend", "minimize_steps")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,39 +249,80 @@ def _cut_outputs(out: Path, settings: SimulationSettings, topology: app.Topology
 
 
 class _TrajectoryFile:
-    """Trajectory writer for the ASE engine: OpenMM's DCD file (it appends) or mdtraj's XTC file."""
+    """Appendable trajectory: OpenMM's DCD file, or XTC frames that mdtraj writes and `flush` appends.
+
+    mdtraj 1.11 opens DCD and XTC files only to read or to write anew (its XTCReporter
+    "appends" by rewriting the whole file in place), so DCD goes through OpenMM's writer, which
+    appends in place, and XTC frames, self-contained records, are appended as bytes.
+    """
 
     def __init__(self, path: Path, topology: app.Topology, settings: SimulationSettings, append: bool) -> None:
+        self.path = path
         self.format = settings.trajectory
+        self.frames: list[tuple[np.ndarray, np.ndarray | None, float, int]] = []
         if self.format == "dcd":
             self.handle = open(path, "r+b" if append else "wb")
             self.file = app.DCDFile(self.handle, topology, settings.timestep_fs * unit.femtosecond,
                                     settings.report_interval, settings.report_interval, append=append)
+        elif not append:
+            path.write_bytes(b"")
+
+    def write(self, positions_nm: np.ndarray, box_nm: np.ndarray | None, time_ps: float, step: int) -> None:
+        if self.format == "dcd":
+            vectors = None if box_nm is None else [openmm.Vec3(*row) for row in box_nm] * unit.nanometer
+            self.file.writeModel(np.asarray(positions_nm) * unit.nanometer, periodicBoxVectors=vectors)
         else:
+            self.frames.append((np.asarray(positions_nm, np.float32), box_nm, time_ps, step))
+
+    def flush(self) -> None:
+        """Put every frame written so far on disk."""
+        if self.format == "dcd":
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        elif self.frames:
             import mdtraj.formats
 
-            self.file = mdtraj.formats.XTCTrajectoryFile(str(path), "a" if append else "w")
-
-    def write(self, positions_angstrom: np.ndarray, cell_angstrom: np.ndarray | None, time_ps: float,
-              step: int) -> None:
-        nm = np.asarray(positions_angstrom) * 0.1
-        box = None if cell_angstrom is None else np.asarray(cell_angstrom) * 0.1
-        if self.format == "dcd":
-            vectors = None if box is None else [openmm.Vec3(*row) for row in box] * unit.nanometer
-            self.file.writeModel(nm * unit.nanometer, periodicBoxVectors=vectors)
-        else:
-            self.file.write(nm.astype(np.float32)[None], time=np.array([time_ps], np.float32),
-                            step=np.array([step], np.int32), box=None if box is None else box.astype(np.float32)[None])
+            tmp = self.path.with_name(f".{self.path.name}.part.xtc")
+            boxes = None if self.frames[0][1] is None else np.array([f[1] for f in self.frames], np.float32)
+            with mdtraj.formats.XTCTrajectoryFile(str(tmp), "w") as fh:
+                fh.write(np.array([f[0] for f in self.frames]), time=np.array([f[2] for f in self.frames], np.float32),
+                         step=np.array([f[3] for f in self.frames], np.int32), box=boxes)
+            with open(self.path, "ab") as fh:
+                fh.write(tmp.read_bytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.unlink()
+            self.frames = []
 
     def close(self) -> None:
-        (self.handle if self.format == "dcd" else self.file).close()
+        self.flush()
+        if self.format == "dcd":
+            self.handle.close()
+
+
+class _FrameReporter:
+    """OpenMM reporter that writes positions (unwrapped) and box to a `_TrajectoryFile`."""
+
+    def __init__(self, trajectory: _TrajectoryFile, interval: int) -> None:
+        self.trajectory = trajectory
+        self.interval = interval
+
+    def describeNextReport(self, simulation: app.Simulation) -> dict:
+        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": False,
+                "include": ["positions"]}
+
+    def report(self, simulation: app.Simulation, state: openmm.State) -> None:
+        box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
+        self.trajectory.write(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
+                              None if simulation.topology.getPeriodicBoxVectors() is None else np.asarray(box),
+                              state.getTime().value_in_unit(unit.picosecond), simulation.currentStep)
 
 
 # ----------------------------------------------------------------------------- engines
 
 
 class _OpenMMRun:
-    """One OpenMM simulation with mdtraj and StateDataReporter reporters in ``out``."""
+    """One OpenMM simulation with a trajectory reporter and OpenMM's StateDataReporter in ``out``."""
 
     def __init__(self, inp: SimulationInput, potential: ANIPotential, settings: SimulationSettings) -> None:
         self.settings = settings
@@ -302,7 +348,7 @@ class _OpenMMRun:
             system.addForce(barostat)
         self.simulation = app.Simulation(inp.topology, system, integrator, self.platform)
         self.inp = inp
-        self.reporters: list = []
+        self.trajectory: _TrajectoryFile | None = None
         self.csv_file = None
 
     def _system(self, inp: SimulationInput, potential: ANIPotential, device: str | None) -> openmm.System:
@@ -330,33 +376,25 @@ class _OpenMMRun:
         context.setVelocitiesToTemperature(self.settings.temperature_k * unit.kelvin, self.settings.seed)
 
     def open_outputs(self, out: Path, append: bool) -> None:
-        import mdtraj.reporters
-
-        path = out / f"trajectory.{self.settings.trajectory}"
         interval = self.settings.report_interval
-        if self.settings.trajectory == "dcd":
-            # mdtraj 1.11 cannot append to a DCD (its file opens only "r" or "w"); OpenMM's reporter can
-            reporter = app.DCDReporter(str(path), interval, append=append)
-        else:
-            reporter = mdtraj.reporters.XTCReporter(str(path), interval, append=append)
+        self.trajectory = _TrajectoryFile(out / f"trajectory.{self.settings.trajectory}", self.inp.topology,
+                                          self.settings, append)
         self.csv_file = open(out / CSV_NAME, "a" if append else "w")
         state = app.StateDataReporter(self.csv_file, interval, step=True, time=True, potentialEnergy=True,
                                       kineticEnergy=True, totalEnergy=True, temperature=True, volume=True,
                                       density=True, append=append)
-        self.reporters = [reporter, state]
-        self.simulation.reporters[:] = self.reporters
+        self.simulation.reporters[:] = [_FrameReporter(self.trajectory, interval), state]
 
     def flush_outputs(self) -> None:
-        self.csv_file.flush()  # both trajectory reporters flush every frame themselves
+        self.trajectory.flush()
+        self.csv_file.flush()
+        os.fsync(self.csv_file.fileno())
 
     def close_outputs(self) -> None:
-        if self.reporters:
-            if hasattr(self.reporters[0], "close"):
-                self.reporters[0].close()
-            else:  # OpenMM's DCDReporter closes its file when collected
-                self.reporters[0]._out.close()
+        if self.csv_file is not None:
+            self.trajectory.close()
             self.csv_file.close()
-        self.reporters = []
+        self.csv_file = None
         self.simulation.reporters[:] = []
 
     def step(self, n: int) -> None:
@@ -377,9 +415,7 @@ class _ASERun:
     """One ASE simulation: Verlet (NVE) or Langevin BAOAB (NVT; NPT with a hydrostatic Langevin-Hoover cell)."""
 
     def __init__(self, inp: SimulationInput, potential: ANIPotential, settings: SimulationSettings) -> None:
-        from ase import Atoms, units
-        from ase.md.langevinbaoab import LangevinBAOAB
-        from ase.md.verlet import VelocityVerlet
+        from ase import Atoms
 
         from nnpq.md.ase import NnpqCalculator
 
@@ -388,6 +424,18 @@ class _ASERun:
         self.atoms = Atoms(numbers=inp.numbers, positions=inp.positions, cell=inp.box, pbc=inp.box is not None)
         self.atoms.calc = NnpqCalculator(potential)
         self.rng = np.random.default_rng(settings.seed)
+        self.dynamics = None
+        self.step_count = 0
+        self.out: Path | None = None
+        self.traj: _TrajectoryFile | None = None
+
+    def _make_dynamics(self) -> None:
+        """The integrator, made once positions, momenta and cell are final: it caches forces (and stress) at creation."""
+        from ase import units
+        from ase.md.langevinbaoab import LangevinBAOAB
+        from ase.md.verlet import VelocityVerlet
+
+        settings = self.settings
         dt = settings.timestep_fs * units.fs
         if settings.ensemble == "nve":
             self.dynamics = VelocityVerlet(self.atoms, dt)
@@ -397,9 +445,6 @@ class _ASERun:
                 self.atoms, dt, temperature_K=settings.temperature_k, T_tau=1000.0 / settings.friction_per_ps * units.fs,
                 externalstress=settings.pressure_bar * units.bar if npt else None, hydrostatic=npt,
                 P_tau=1000.0 * units.fs if npt else None, rng=self.rng)
-        self.step_count = 0
-        self.out: Path | None = None
-        self.traj: _TrajectoryFile | None = None
 
     label = "ASE"
 
@@ -411,6 +456,7 @@ class _ASERun:
             BFGS(self.atoms, logfile=None).run(fmax=0.05, steps=self.settings.minimize_steps)
         MaxwellBoltzmannDistribution(self.atoms, temperature_K=self.settings.temperature_k, rng=self.rng)
         Stationary(self.atoms)
+        self._make_dynamics()
 
     def open_outputs(self, out: Path, append: bool) -> None:
         self.out = out
@@ -420,9 +466,7 @@ class _ASERun:
             write_text_atomic(out / CSV_NAME, ",".join(_CSV_HEADER) + "\n")
 
     def flush_outputs(self) -> None:
-        self.traj.close()  # the writers flush on close
-        self.traj = _TrajectoryFile(self.out / f"trajectory.{self.settings.trajectory}", self.topology, self.settings,
-                                    append=True)
+        self.traj.flush()
 
     def close_outputs(self) -> None:
         if self.traj is not None:
@@ -440,7 +484,7 @@ class _ASERun:
                 atoms = self.atoms
                 time_ps = self.step_count * self.settings.timestep_fs * 1e-3
                 cell = atoms.cell.array if atoms.pbc.all() else None
-                self.traj.write(atoms.positions, cell, time_ps, self.step_count)
+                self.traj.write(atoms.positions * 0.1, None if cell is None else cell * 0.1, time_ps, self.step_count)
                 volume = atoms.get_volume() * 1e-3 if cell is not None else 0.0
                 density = atoms.get_masses().sum() / units.mol / (atoms.get_volume() * 1e-24) if cell is not None else 0.0
                 kj = units.mol / units.kJ
@@ -467,6 +511,7 @@ class _ASERun:
         self.atoms.set_momenta(saved["momenta"])
         self.step_count = int(saved["step_count"])
         self.rng.bit_generator.state = json.loads(str(saved["rng"]))
+        self._make_dynamics()
         if "p_eps" in saved:
             self.dynamics.p_eps = saved["p_eps"] if saved["p_eps"].ndim else float(saved["p_eps"])
 
