@@ -158,8 +158,9 @@ def test_openmm_unknown_backend(w8_ani2x):
 # ------------------------------------------------------------------ backends, openmm-ml, mixed ML/MM, ASE stress
 
 
-def _state(system: openmm.System, positions_nm: np.ndarray, platform: str = "Reference", groups: int = -1,
-           parameters: dict | None = None):
+def _state(system: openmm.System, positions_nm: np.ndarray, platform: str = "Reference", groups: int | set = -1,
+           parameters: dict | None = None) -> tuple[float, np.ndarray]:
+    """Energy (kJ/mol) and forces (kJ/mol/nm) of the force ``groups``, after setting global ``parameters``."""
     context = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName(platform))
     context.setPositions(positions_nm)
     for name, value in (parameters or {}).items():
@@ -169,15 +170,12 @@ def _state(system: openmm.System, positions_nm: np.ndarray, platform: str = "Ref
             np.asarray(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)))
 
 
-class _EagerOnly:
-    """Marks a potential whose forward TorchScript cannot compile (a runtime path written for eager mode)."""
-
-
 def _eager_potential(potential):
-    """The same model behind a forward that calls ``super()``, which TorchScript rejects."""
+    """The same model behind a forward that calls ``super()``, which TorchScript rejects: a stand-in
+    for runtime paths written for eager mode only."""
     from nnpq.models import ANIPotential
 
-    class EagerANIPotential(ANIPotential, _EagerOnly):
+    class EagerANIPotential(ANIPotential):
         def forward(self, numbers, positions, cell=None):
             return super().forward(numbers, positions, cell)
 
@@ -187,9 +185,8 @@ def _eager_potential(potential):
 
 
 def test_backend_auto_picks_torchforce_or_pythonforce_with_the_same_numbers(w8_ani2x):
-    """auto: TorchForce when the model scripts, PythonForce otherwise; backends agree on the water box."""
+    """auto: TorchForce when the model scripts, PythonForce otherwise, with the model's numbers."""
     from nnpq.md.openmm import system_backend
-    from nnpq.models import load_potential
 
     system = get_system("ethanol")
     eager = _eager_potential(w8_ani2x)

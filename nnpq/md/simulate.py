@@ -579,7 +579,7 @@ def run_simulation(model: str | os.PathLike, inp: SimulationInput, settings: Sim
         run.close_outputs()
     rows = _read_csv(out / CSV_NAME)
     return {
-        "input": inp.name, "model": getattr(potential, "label", str(model)), "engine": run.label,
+        "input": inp.name, "model": potential.label, "engine": run.label,
         "ensemble": settings.ensemble, "steps": run.current_step, "timestep_fs": settings.timestep_fs,
         "frames": len(rows["step"]),
         "mean_temperature_k": float(np.mean(rows["temperature"])) if len(rows["step"]) else float("nan"),
