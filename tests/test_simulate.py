@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from nnpq.cli import main
-from nnpq.md.simulate import CSV_NAME, KEY_NAME
+from nnpq.md.outputs import CSV_NAME
+from nnpq.md.simulate import KEY_NAME
 from nnpq.systems import get_system
 
 FAST = ["--minimize-steps", "5", "--report-interval", "10", "-q"]

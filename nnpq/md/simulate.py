@@ -12,7 +12,6 @@ inputs and the summary in Å, fs, K, bar, g/mL.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -31,14 +30,14 @@ from nnpq.atomic_io import write_bytes_atomic, write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.md.model import resolve_potential
 from nnpq.md.openmm import check_elements, create_system, system_backend
+from nnpq.md.outputs import (CSV_HEADER, CSV_NAME, FrameReporter, TrajectoryFile, csv_row, cut_outputs,
+                              read_csv)
 from nnpq.models import ANIPotential
 
 ENSEMBLES = ("nve", "nvt", "npt")
 ENGINES = ("openmm", "ase")
 TRAJECTORY_FORMATS = ("dcd", "xtc")
-CSV_NAME, CHECKPOINT_NAME, KEY_NAME = "state.csv", "checkpoint.npz", "checkpoint.json"
-_CSV_HEADER = ['#"Step"', '"Time (ps)"', '"Potential Energy (kJ/mole)"', '"Kinetic Energy (kJ/mole)"',
-               '"Total Energy (kJ/mole)"', '"Temperature (K)"', '"Box Volume (nm^3)"', '"Density (g/mL)"']
+CHECKPOINT_NAME, KEY_NAME = "checkpoint.npz", "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -219,105 +218,6 @@ def choose_platform(name: str | None) -> openmm.Platform:
     return openmm.Platform.getPlatformByName(name)
 
 
-# ----------------------------------------------------------------------------- output files
-
-
-def _csv_row(step: int, time_ps: float, potential: float, kinetic: float, temperature: float,
-             volume: float, density: float) -> str:
-    return ",".join(str(v) for v in (step, time_ps, potential, kinetic, potential + kinetic, temperature,
-                                     volume, density)) + "\n"
-
-
-def _cut_outputs(out: Path, settings: SimulationSettings, topology: app.Topology, frames: int) -> None:
-    """Cut the trajectory and CSV back to their first ``frames`` frames (what the checkpoint saw), atomically."""
-    import mdtraj
-
-    csv_path = out / CSV_NAME
-    if csv_path.is_file():
-        lines = csv_path.read_text().splitlines(keepends=True)
-        write_text_atomic(csv_path, "".join(lines[: 1 + frames]))
-    traj_path = out / f"trajectory.{settings.trajectory}"
-    if traj_path.is_file():
-        with mdtraj.open(str(traj_path)) as fh:
-            kept = fh.read_as_traj(mdtraj.Topology.from_openmm(topology), n_frames=frames)
-        if len(kept) != frames:
-            raise NnpqError(f"{traj_path} holds {len(kept)} frames, fewer than the {frames} its checkpoint saw; "
-                            "start a fresh run in another --out folder")
-        tmp = traj_path.with_name(f".{traj_path.stem}.tmp{traj_path.suffix}")
-        kept.save(str(tmp))
-        os.replace(tmp, traj_path)
-
-
-class _TrajectoryFile:
-    """Appendable trajectory: OpenMM's DCD file, or XTC frames that mdtraj writes and `flush` appends.
-
-    mdtraj 1.11 opens DCD and XTC files only to read or to write anew (its XTCReporter
-    "appends" by rewriting the whole file in place), so DCD goes through OpenMM's writer, which
-    appends in place, and XTC frames, self-contained records, are appended as bytes.
-    """
-
-    def __init__(self, path: Path, topology: app.Topology, settings: SimulationSettings, append: bool) -> None:
-        self.path = path
-        self.format = settings.trajectory
-        self.frames: list[tuple[np.ndarray, np.ndarray | None, float, int]] = []
-        if self.format == "dcd":
-            self.handle = open(path, "r+b" if append else "wb")
-            self.file = app.DCDFile(self.handle, topology, settings.timestep_fs * unit.femtosecond,
-                                    settings.report_interval, settings.report_interval, append=append)
-        elif not append:
-            path.write_bytes(b"")
-
-    def write(self, positions_nm: np.ndarray, box_nm: np.ndarray | None, time_ps: float, step: int) -> None:
-        if self.format == "dcd":
-            vectors = None if box_nm is None else [openmm.Vec3(*row) for row in box_nm] * unit.nanometer
-            self.file.writeModel(np.asarray(positions_nm) * unit.nanometer, periodicBoxVectors=vectors)
-        else:
-            self.frames.append((np.asarray(positions_nm, np.float32), box_nm, time_ps, step))
-
-    def flush(self) -> None:
-        """Put every frame written so far on disk."""
-        if self.format == "dcd":
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-        elif self.frames:
-            import mdtraj.formats
-
-            tmp = self.path.with_name(f".{self.path.name}.part.xtc")
-            boxes = None if self.frames[0][1] is None else np.array([f[1] for f in self.frames], np.float32)
-            with mdtraj.formats.XTCTrajectoryFile(str(tmp), "w") as fh:
-                fh.write(np.array([f[0] for f in self.frames]), time=np.array([f[2] for f in self.frames], np.float32),
-                         step=np.array([f[3] for f in self.frames], np.int32), box=boxes)
-            with open(self.path, "ab") as fh:
-                fh.write(tmp.read_bytes())
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.unlink()
-            self.frames = []
-
-    def close(self) -> None:
-        self.flush()
-        if self.format == "dcd":
-            self.handle.close()
-
-
-class _FrameReporter:
-    """OpenMM reporter that writes positions (unwrapped) and box to a `_TrajectoryFile`."""
-
-    def __init__(self, trajectory: _TrajectoryFile, interval: int) -> None:
-        self.trajectory = trajectory
-        self.interval = interval
-
-    def describeNextReport(self, simulation: app.Simulation) -> dict:
-        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": False,
-                "include": ["positions"]}
-
-    def report(self, simulation: app.Simulation, state: openmm.State) -> None:
-        box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
-        self.trajectory.write(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
-                              None if simulation.topology.getPeriodicBoxVectors() is None else np.asarray(box),
-                              state.getTime().value_in_unit(unit.picosecond), simulation.currentStep)
-
-
 # ----------------------------------------------------------------------------- engines
 
 
@@ -348,7 +248,7 @@ class _OpenMMRun:
             system.addForce(barostat)
         self.simulation = app.Simulation(inp.topology, system, integrator, self.platform)
         self.inp = inp
-        self.trajectory: _TrajectoryFile | None = None
+        self.trajectory: TrajectoryFile | None = None
         self.csv_file = None
 
     def _system(self, inp: SimulationInput, potential: ANIPotential, device: str | None) -> openmm.System:
@@ -377,13 +277,13 @@ class _OpenMMRun:
 
     def open_outputs(self, out: Path, append: bool) -> None:
         interval = self.settings.report_interval
-        self.trajectory = _TrajectoryFile(out / f"trajectory.{self.settings.trajectory}", self.inp.topology,
-                                          self.settings, append)
+        self.trajectory = TrajectoryFile(out / f"trajectory.{self.settings.trajectory}", self.inp.topology,
+                                         self.settings.timestep_fs, self.settings.report_interval, append)
         self.csv_file = open(out / CSV_NAME, "a" if append else "w")
         state = app.StateDataReporter(self.csv_file, interval, step=True, time=True, potentialEnergy=True,
                                       kineticEnergy=True, totalEnergy=True, temperature=True, volume=True,
                                       density=True, append=append)
-        self.simulation.reporters[:] = [_FrameReporter(self.trajectory, interval), state]
+        self.simulation.reporters[:] = [FrameReporter(self.trajectory, interval), state]
 
     def flush_outputs(self) -> None:
         self.trajectory.flush()
@@ -427,7 +327,7 @@ class _ASERun:
         self.dynamics = None
         self.step_count = 0
         self.out: Path | None = None
-        self.traj: _TrajectoryFile | None = None
+        self.traj: TrajectoryFile | None = None
 
     def _make_dynamics(self) -> None:
         """The integrator, made once positions, momenta and cell are final: it caches forces (and stress) at creation."""
@@ -460,10 +360,10 @@ class _ASERun:
 
     def open_outputs(self, out: Path, append: bool) -> None:
         self.out = out
-        self.traj = _TrajectoryFile(out / f"trajectory.{self.settings.trajectory}", self.topology, self.settings,
-                                    append)
+        self.traj = TrajectoryFile(out / f"trajectory.{self.settings.trajectory}", self.topology,
+                                   self.settings.timestep_fs, self.settings.report_interval, append)
         if not append:
-            write_text_atomic(out / CSV_NAME, ",".join(_CSV_HEADER) + "\n")
+            write_text_atomic(out / CSV_NAME, ",".join(CSV_HEADER) + "\n")
 
     def flush_outputs(self) -> None:
         self.traj.flush()
@@ -488,7 +388,7 @@ class _ASERun:
                 volume = atoms.get_volume() * 1e-3 if cell is not None else 0.0
                 density = atoms.get_masses().sum() / units.mol / (atoms.get_volume() * 1e-24) if cell is not None else 0.0
                 kj = units.mol / units.kJ
-                rows.append(_csv_row(self.step_count, time_ps, atoms.get_potential_energy() * kj,
+                rows.append(csv_row(self.step_count, time_ps, atoms.get_potential_energy() * kj,
                                      atoms.get_kinetic_energy() * kj, atoms.get_temperature(), volume, density))
         with open(self.out / CSV_NAME, "a") as fh:
             fh.writelines(rows)
@@ -553,7 +453,7 @@ def run_simulation(model: str | os.PathLike, inp: SimulationInput, settings: Sim
     if resume:
         run.restore(saved)
         elapsed = float(saved["elapsed"])
-        _cut_outputs(out, settings, inp.topology, run.current_step // settings.report_interval)
+        cut_outputs(out, settings.trajectory, inp.topology, run.current_step // settings.report_interval)
     else:
         write_text_atomic(out / KEY_NAME, json.dumps(key, indent=2, sort_keys=True) + "\n")
         run.start()
@@ -577,7 +477,7 @@ def run_simulation(model: str | os.PathLike, inp: SimulationInput, settings: Sim
                     _save_checkpoint(out, run, elapsed + run_seconds)
     finally:
         run.close_outputs()
-    rows = _read_csv(out / CSV_NAME)
+    rows = read_csv(out / CSV_NAME)
     return {
         "input": inp.name, "model": potential.label, "engine": run.label,
         "ensemble": settings.ensemble, "steps": run.current_step, "timestep_fs": settings.timestep_fs,
@@ -598,15 +498,6 @@ def _save_checkpoint(out: Path, run, elapsed: float) -> None:
 
 def _ns_per_day(steps: int, settings: SimulationSettings, seconds: float) -> float:
     return steps * settings.timestep_fs * 1e-6 / (seconds / 86400.0) if seconds > 0 else 0.0
-
-
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    """Step, time (ps), energies (kJ/mol), temperature (K), volume (nm^3), density (g/mL) columns of ``state.csv``."""
-    names = ["step", "time_ps", "potential", "kinetic", "total", "temperature", "volume", "density"]
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
-    data = np.array(rows, dtype=np.float64).reshape(-1, len(names))
-    return {name: data[:, i] for i, name in enumerate(names)}
 
 
 def format_summary(summary: dict) -> str:
