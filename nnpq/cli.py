@@ -1,4 +1,4 @@
-"""The ``nnpq`` command line: systems, quantize, sensitivity, evaluate, validate, compare, info."""
+"""The ``nnpq`` command line: systems, quantize, sensitivity, evaluate, validate, compare, simulate, bench, info."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from nnpq.errors import NnpqError
 
 
 def _cmd_systems(args: argparse.Namespace) -> None:
-    from nnpq.systems import SYSTEMS, get_system
+    from nnpq.systems import MIXED_SYSTEMS, SYSTEMS, get_system
 
-    print(f"{'name':<20}{'atoms':>6}  {'periodic':<9}description")
-    for name in sorted(SYSTEMS):
+    print(f"{'name':<28}{'atoms':>6}  {'periodic':<9}description")
+    for name, description in sorted(SYSTEMS.items()) + sorted(MIXED_SYSTEMS.items()):
         system = get_system(name)
-        print(f"{name:<20}{system.n_atoms:>6}  {'yes' if system.is_periodic else 'no':<9}{SYSTEMS[name]}")
+        print(f"{name:<28}{system.n_atoms:>6}  {'yes' if system.is_periodic else 'no':<9}{description}")
 
 
 def _parse_size(text: str) -> float:
@@ -152,6 +152,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(f"written: {compare(args.reports, args.output)}")
 
 
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from nnpq.md.simulate import SimulationSettings, format_summary, load_input, run_simulation
+
+    settings = SimulationSettings(
+        ensemble=args.ensemble, steps=args.steps, timestep_fs=args.timestep, temperature_k=args.temperature,
+        pressure_bar=args.pressure, friction_per_ps=args.friction, report_interval=args.report_interval,
+        checkpoint_interval=args.checkpoint_interval, minimize_steps=args.minimize_steps, seed=args.seed,
+        trajectory=args.trajectory, engine=args.engine, platform=args.platform, backend=args.backend, mode=args.mode)
+    inp = load_input(args.system, args.input)
+    out = args.out or f"simulate-{Path(args.system or args.input).stem}-{args.ensemble}"
+    print(format_summary(run_simulation(args.model, inp, settings, out, resume=args.resume, progress=not args.quiet)))
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -284,6 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="compare.html", help="HTML output (default compare.html)")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("simulate", help="MD of a built-in system or your structure with a quantized or FP32 model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--system", help="built-in system (see 'nnpq systems')")
+    source.add_argument("--input", metavar="FILE", help="PDB, XYZ or extended XYZ (cell from CRYST1 / Lattice)")
+    p.add_argument("--model", required=True, help="a .nnpq file or an FP32 model name (ani2x)")
+    p.add_argument("--engine", choices=["openmm", "ase"], default="openmm")
+    p.add_argument("--ensemble", choices=["nve", "nvt", "npt"], default="nvt",
+                   help="NVE (Verlet), NVT (Langevin, default) or NPT (Langevin + barostat)")
+    p.add_argument("--steps", type=int, default=1000, help="total steps (default 1000)")
+    p.add_argument("--timestep", type=float, default=0.5, help="time step in fs (default 0.5)")
+    p.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
+    p.add_argument("--pressure", type=float, default=1.0, help="NPT pressure in bar (default 1)")
+    p.add_argument("--friction", type=float, default=1.0, help="Langevin friction in 1/ps (default 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of velocities, thermostat and barostat")
+    p.add_argument("--minimize-steps", type=int, default=200, help="minimizer iterations first (0: none)")
+    p.add_argument("--report-interval", type=int, default=10, help="steps between frames and CSV rows")
+    p.add_argument("--checkpoint-interval", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--trajectory", choices=["dcd", "xtc"], default="dcd", help="trajectory format")
+    p.add_argument("--platform", help="OpenMM platform (default: fastest available, CUDA then CPU)")
+    p.add_argument("--backend", choices=["auto", "torchforce", "pythonforce"], default="auto",
+                   help="OpenMM force: TorchForce where the model scripts (auto), or PythonForce")
+    p.add_argument("--mode", help="runtime mode of a quantized model, where the runtime has modes")
+    p.add_argument("--out", help="output folder (default simulate-SYSTEM-ENSEMBLE)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
     p = sub.add_parser("evaluate", help="errors of a model against its FP32 reference on your structure files")
     p.add_argument("model", help="a .nnpq file (or an FP32 model name)")
     p.add_argument("--input", required=True, nargs="+", action="extend", metavar="FILE",
@@ -330,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnpq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (rerun the same command to resume from its checkpoints)" if args.command == "validate" else ""
+        hint = {"validate": " (rerun the same command to resume from its checkpoints)",
+                "simulate": " (add --resume to continue from the last checkpoint)"}.get(args.command, "")
         print(f"nnpq: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. head, which closed early

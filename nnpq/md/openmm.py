@@ -1,7 +1,9 @@
 """OpenMM integration: an ANI potential (FP32 or quantized) as a force in an OpenMM System.
 
-Two backends: openmm-torch's ``TorchForce`` around the TorchScript module (default; runs
-inside OpenMM's C++ platforms), and OpenMM's ``PythonForce`` (no openmm-torch needed).
+Two backends with the same numbers: openmm-torch's ``TorchForce`` around the TorchScript
+module (runs inside OpenMM's C++ platforms; needs a TorchScript-able model), and OpenMM's
+``PythonForce`` (any model, e.g. runtime paths TorchScript cannot express). ``auto`` picks
+``TorchForce`` when the model scripts and openmm-torch loads, ``PythonForce`` otherwise.
 At this boundary everything is in OpenMM units: nm, kJ/mol, kJ/mol/nm.
 """
 
@@ -19,10 +21,11 @@ from openmm import unit
 from torch import Tensor
 
 from nnpq.errors import NnpqError
-from nnpq.models import ANIPotential, Potential, load_potential
+from nnpq.md.model import resolve_potential
+from nnpq.models import ANIPotential
 from nnpq.units import HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
 
-BACKENDS = ("torchforce", "pythonforce")
+BACKENDS = ("auto", "torchforce", "pythonforce")
 
 
 class OpenMMEnergy(torch.nn.Module):
@@ -32,7 +35,7 @@ class OpenMMEnergy(torch.nn.Module):
     region can be part of a larger system.
     """
 
-    def __init__(self, potential: Potential, numbers: Iterable[int], atoms: Iterable[int] | None = None) -> None:
+    def __init__(self, potential: ANIPotential, numbers: Iterable[int], atoms: Iterable[int] | None = None) -> None:
         super().__init__()
         self.potential = potential
         numbers = torch.as_tensor(list(numbers), dtype=torch.long)
@@ -52,27 +55,32 @@ class OpenMMEnergy(torch.nn.Module):
 
 
 class PythonForceComputation:
-    """The callable behind a ``PythonForce``: state in, (kJ/mol, kJ/mol/nm array) out."""
+    """The callable behind a ``PythonForce``: state in, (kJ/mol, kJ/mol/nm array) out.
 
-    def __init__(self, module: OpenMMEnergy, periodic: bool, n_particles: int) -> None:
+    The force is restricted to the potential's atoms with ``setParticles``, so the state
+    holds only those atoms. The model runs on whatever device its buffers are on (a GPU
+    when OpenMM runs on CUDA); positions go there in float64, forces come back to the host.
+    """
+
+    def __init__(self, module: OpenMMEnergy, periodic: bool) -> None:
         self.module = module
         self.periodic = periodic
-        self.n_particles = n_particles
 
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
+        device = self.module.numbers.device
         positions = torch.tensor(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer),
-                                 dtype=torch.float64, requires_grad=True)
+                                 dtype=torch.float64, device=device, requires_grad=True)
         box = None
         if self.periodic:
             box = torch.tensor(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer),
-                               dtype=torch.float64)
+                               dtype=torch.float64, device=device)
         # in Python anyway, so overlapping atoms get their one-line message (OpenMM passes it on)
-        self.module.potential.check_inputs(self.module.numbers.numpy(),
-                                           positions.detach()[self.module.atoms].numpy() * NM_TO_ANGSTROM,
-                                           None if box is None else box.numpy() * NM_TO_ANGSTROM)
+        self.module.potential.check_inputs(self.module.numbers.cpu().numpy(),
+                                           positions.detach().cpu().numpy() * NM_TO_ANGSTROM,
+                                           None if box is None else box.cpu().numpy() * NM_TO_ANGSTROM)
         energy = self.module(positions, box)
         (grad,) = torch.autograd.grad(energy, positions)
-        return float(energy.detach()), -grad.numpy()
+        return float(energy.detach()), -grad.cpu().numpy()
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,6 +99,25 @@ def _torchforce_class() -> type:
     return openmmtorch.TorchForce
 
 
+def _torchforce(module: OpenMMEnergy, required: bool) -> openmm.Force | None:
+    """A ``TorchForce`` around ``module``; ``None`` when ``required`` is false and it cannot be made."""
+    try:
+        force_class = _torchforce_class()
+    except (ImportError, OSError) as exc:  # e.g. openmm-torch built against another CUDA
+        if required:
+            raise NnpqError(f"openmm-torch cannot be loaded here ({exc}); use backend='pythonforce'") from None
+        return None
+    try:
+        scripted = torch.jit.script(module)
+    except Exception as exc:  # TorchScript raises several types; any of them means "not scriptable"
+        if required:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NnpqError(f"{module.potential.label} cannot be compiled to TorchScript ({first[:160]}); "
+                            "use backend='pythonforce'") from None
+        return None
+    return force_class(scripted)
+
+
 def topology_numbers(topology: app.Topology) -> list[int]:
     """Atomic numbers of a topology's atoms; a clear error for atoms without an element."""
     numbers = []
@@ -102,54 +129,90 @@ def topology_numbers(topology: app.Topology) -> list[int]:
     return numbers
 
 
-def make_force(topology: app.Topology, model: str | os.PathLike | Potential, *,
-               atoms: Iterable[int] | None = None, backend: str | None = None,
-               neighborlist: str | None = None, mode: str | None = None) -> openmm.Force:
-    """The ANI force for ``topology`` (periodic iff the topology has a box).
+def check_elements(potential: ANIPotential, numbers: Iterable[int], atoms: Iterable[int] | None = None) -> None:
+    """Raise `NnpqError` naming the atoms (index and symbol) whose elements ``potential`` lacks.
+
+    Each distinct element is put to the potential's own ``check_inputs`` alone, so this
+    needs nothing of the potential beyond its public interface.
 
     Args:
-        model: FP32 name (``ani2x``), path to an ``.nnpq`` file, or a loaded `Potential`.
-        atoms: indices of the atoms the potential acts on (default: all).
-        backend: ``torchforce`` (openmm-torch) or ``pythonforce``; by default TorchForce for
-            TorchANI models and PythonForce for the fused runtime (``exact`` also runs in
-            TorchForce, slowly for now; ``fast`` only in PythonForce).
-        neighborlist: ``all_pairs`` or ``cell_list``; default cell list for periodic systems.
-        mode: runtime mode (``exact``, ``fast``; see `nnpq.models.load_potential`).
+        numbers: atomic numbers of the atoms the potential acts on.
+        atoms: their indices in the user's system (default ``0..N-1``), used in the message.
     """
-    if backend is not None and backend not in BACKENDS:
+    from ase.data import chemical_symbols
+
+    numbers = [int(z) for z in numbers]
+    index = list(range(len(numbers))) if atoms is None else [int(i) for i in atoms]
+    rejected: dict[int, str] = {}
+    for z in sorted(set(numbers)):
+        try:
+            potential.check_inputs(np.array([z]), np.zeros((1, 3)))
+        except NnpqError as exc:
+            rejected[z] = str(exc)
+    if rejected:
+        bad = [(i, z) for i, z in zip(index, numbers) if z in rejected]
+        named = ", ".join(f"{i} {chemical_symbols[z] if 0 < z < len(chemical_symbols) else z}" for i, z in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise NnpqError(f"{len(bad)} atom(s) the model cannot treat (index symbol: {named}{more}): "
+                        f"{next(iter(rejected.values()))}; or model them with MM in a mixed ML/MM system")
+
+
+def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, *,
+               atoms: Iterable[int] | None = None, backend: str = "auto", neighborlist: str | None = None,
+               periodic: bool | None = None, device: str | torch.device | None = None,
+               mode: str | None = None) -> openmm.Force:
+    """The ANI force for the ``atoms`` of ``topology``.
+
+    Args:
+        model: FP32 name (``ani2x``), path to an ``.nnpq`` file, or a loaded `ANIPotential`.
+        atoms: indices of the atoms the potential acts on (default: all).
+        backend: ``auto`` (``TorchForce`` when the model scripts, else ``PythonForce``),
+            ``torchforce`` or ``pythonforce``.
+        neighborlist: ``all_pairs`` or ``cell_list``; default cell list for periodic systems.
+        periodic: use the periodic box; default: iff the topology has box vectors.
+        device: where a ``PythonForce`` runs the model (``TorchForce`` follows OpenMM's platform).
+        mode: runtime mode passed to the model loader (where the runtime has modes).
+    """
+    if backend not in BACKENDS:
         raise NnpqError(f"unknown OpenMM backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    periodic = topology.getPeriodicBoxVectors() is not None
-    potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode)
-    if backend is None:
-        # the fused runtime runs eagerly in PythonForce: under TorchScript (TorchForce) its first
-        # steps took ~50 s and later ones ~4x the TorchANI reference's (measured on ethanol)
-        backend = "torchforce" if isinstance(potential, ANIPotential) else "pythonforce"
-    if backend == "torchforce" and potential.mode == "fast":
-        raise NnpqError("the fast mode runs in Python only (its INT8 kernels are not TorchScript); "
-                        "use backend='pythonforce' or mode='exact'")
+    if periodic is None:
+        periodic = topology.getPeriodicBoxVectors() is not None
+    potential = resolve_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode)
     numbers = topology_numbers(topology)
     selected = list(range(len(numbers))) if atoms is None else [int(i) for i in atoms]
     chosen = [numbers[i] for i in selected]
-    potential.check_elements(np.array(chosen))
-    if periodic:  # positions come later, with the context; the box is known now
+    check_elements(potential, chosen, selected)
+    if periodic:
         potential.check_cell(np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)))
-    module = OpenMMEnergy(potential, chosen, selected)
-    if backend == "pythonforce":
-        force = openmm.PythonForce(PythonForceComputation(module, periodic, len(numbers)))
-    else:
-        force = _torchforce_class()(torch.jit.script(module))
+    if backend == "auto" and not isinstance(potential, ANIPotential):
+        backend = "pythonforce"  # the fused runtime scripts, but runs far slower under TorchScript for now
+    force = None
+    if backend != "pythonforce":
+        force = _torchforce(OpenMMEnergy(potential, chosen, selected), required=backend == "torchforce")
+    if force is None:
+        module = OpenMMEnergy(potential, chosen)
+        if device is not None:
+            module.to(device)
+        force = openmm.PythonForce(PythonForceComputation(module, periodic))
+        if atoms is not None:
+            force.setParticles(selected)
     force.setUsesPeriodicBoundaryConditions(periodic)
     return force
 
 
-def create_system(topology: app.Topology, model: str | os.PathLike | Potential, *,
-                  atoms: Iterable[int] | None = None, backend: str | None = None,
+def system_backend(system: openmm.System) -> str:
+    """``pythonforce`` when the system's ANI force is a ``PythonForce``, ``torchforce`` otherwise."""
+    return "pythonforce" if any(isinstance(f, openmm.PythonForce) for f in system.getForces()) else "torchforce"
+
+
+def create_system(topology: app.Topology, model: str | os.PathLike | ANIPotential, *,
+                  atoms: Iterable[int] | None = None, backend: str = "auto",
                   neighborlist: str | None = None, remove_cm_motion: bool = True,
-                  mode: str | None = None) -> openmm.System:
+                  device: str | torch.device | None = None, mode: str | None = None) -> openmm.System:
     """An OpenMM System whose only force is the ANI potential of ``model``.
 
     Masses come from the topology's elements; box vectors from the topology when it has
-    them. Mirrors ``openmmml.MLPotential.createSystem``.
+    them. Mirrors ``openmmml.MLPotential.createSystem``; arguments as in `make_force`.
     """
     system = openmm.System()
     for atom in topology.atoms():
@@ -159,7 +222,8 @@ def create_system(topology: app.Topology, model: str | os.PathLike | Potential, 
     box = topology.getPeriodicBoxVectors()
     if box is not None:
         system.setDefaultPeriodicBoxVectors(*box)
-    system.addForce(make_force(topology, model, atoms=atoms, backend=backend, neighborlist=neighborlist, mode=mode))
+    system.addForce(make_force(topology, model, atoms=atoms, backend=backend, neighborlist=neighborlist,
+                               device=device, mode=mode))
     if remove_cm_motion:
         system.addForce(openmm.CMMotionRemover())
     return system

@@ -62,21 +62,6 @@ class Potential(torch.nn.Module):
         return coords - torch.matmul(torch.floor(frac.detach()), cell32), cell32
 
     @torch.jit.unused
-    def batch_energies(self, numbers: Tensor, positions: Tensor) -> Tensor:
-        """Energies (Hartree, float64, ``(B,)``) of a padded batch of non-periodic molecules.
-
-        Args:
-            numbers: ``(B, N)`` atomic numbers, -1 where a molecule has fewer than N atoms.
-            positions: ``(B, N, 3)`` Angstrom.
-        """
-        from nnpq.models.batching import atomic_energies
-
-        atomic = atomic_energies(self.ani, numbers, positions.to(torch.float32))
-        real = numbers >= 0
-        shift = torch.where(real, self.self_energies[self.z_to_index[numbers.clamp(min=0)]], 0.0).sum(-1)
-        return torch.where(real, atomic.to(torch.float64), 0.0).sum(-1) + shift
-
-    @torch.jit.unused
     def symbols(self) -> tuple[str, ...]:
         return tuple(self.symbol_names)
 
@@ -201,6 +186,21 @@ class ANIPotential(Potential):
         ani.set_enabled("energy_shifter", False)
         super().__init__(ani.atomic_numbers, ani.energy_shifter.self_energies, ani.symbols, label, model_name, mode)
         self.ani = ani
+
+    @torch.jit.unused
+    def batch_energies(self, numbers: Tensor, positions: Tensor) -> Tensor:
+        """Energies (Hartree, float64, ``(B,)``) of a padded batch of non-periodic molecules.
+
+        Args:
+            numbers: ``(B, N)`` atomic numbers, -1 where a molecule has fewer than N atoms.
+            positions: ``(B, N, 3)`` Angstrom.
+        """
+        from nnpq.models.batching import atomic_energies
+
+        atomic = atomic_energies(self.ani, numbers, positions.to(torch.float32))
+        real = numbers >= 0
+        shift = torch.where(real, self.self_energies[self.z_to_index[numbers.clamp(min=0)]], 0.0).sum(-1)
+        return torch.where(real, atomic.to(torch.float64), 0.0).sum(-1) + shift
 
     def forward(self, numbers: Tensor, positions: Tensor, cell: Tensor | None = None) -> Tensor:
         """Energy in Hartree (float64 scalar).

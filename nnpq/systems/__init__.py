@@ -3,6 +3,6 @@
 Positions and boxes are in Angstrom; OpenMM topologies/positions in nm.
 """
 
-from nnpq.systems.catalogue import SYSTEMS, MolecularSystem, clear_cache, get_system, list_systems
+from nnpq.systems.catalogue import MIXED_SYSTEMS, SYSTEMS, MolecularSystem, clear_cache, get_system, list_systems
 
-__all__ = ["MolecularSystem", "SYSTEMS", "get_system", "list_systems", "clear_cache"]
+__all__ = ["MIXED_SYSTEMS", "MolecularSystem", "SYSTEMS", "get_system", "list_systems", "clear_cache"]

@@ -3,7 +3,7 @@
 Not used at run time: the catalogue loads the shipped PDB so that the
 geometry never changes with the RDKit version. Run once with::
 
-    python -m nnpq.systems._make_data
+    python -m nnpq.systems._make_data [FILE.pdb ...]
 
 ``alanine-dipeptide.pdb``: ACE-ALA-NME (L-Ala), embedded with RDKit, set to
 the C7eq basin (phi = -80 deg, psi = +75 deg, the vacuum minimum), MMFF94
@@ -15,6 +15,14 @@ minimised, then 50 ps NPT (300 K, 1 bar, rigid water, fixed seeds) so the
 density relaxes from ~0.95 to the TIP3P value and the clashes addSolvent leaves
 across the periodic faces disappear. Molecules are wrapped whole, each oxygen
 inside [0, L). 185 waters keep the PDB under 50 kB.
+
+``alanine-dipeptide-solvated.pdb``: the alanine dipeptide above in a 2.1 nm TIP3P
+cube with 0.15 M NaCl (one Na+/Cl- pair at this size), Amber14 (ff14SB) for the
+peptide and TIP3P/Joung-Cheatham ions: minimised, then 20 ps NPT as for the water
+box, residues wrapped whole. It is the built-in ML/MM system: ANI on the peptide,
+Amber/TIP3P on the rest. A drug-like ligand would need GAFF or OpenFF parameters,
+i.e. AmberTools' antechamber/sqm or the OpenFF toolkit, which pip cannot install;
+the capped amino acid has parameters in OpenMM's own force fields.
 """
 
 from __future__ import annotations
@@ -124,11 +132,63 @@ def _water_box():
     return top, [Vec3(*p) for p in pos] * unit.angstrom
 
 
-def main() -> None:
+SOLVATED_EDGE_NM = 2.1
+SOLVATED_NPT_STEPS = 10_000  # 20 ps at 2 fs
+
+
+def _solvated_dipeptide():
+    ff = app.ForceField("amber14-all.xml", "amber14/tip3p.xml")
+    pdb = app.PDBFile(str(Path(__file__).parent / "data" / "alanine-dipeptide.pdb"))
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    center = np.mean(pdb.positions.value_in_unit(unit.nanometer), axis=0)
+    modeller.positions = [Vec3(*(np.asarray(p.value_in_unit(unit.nanometer)) - center
+                                 + SOLVATED_EDGE_NM / 2)) for p in modeller.positions] * unit.nanometer
+    edge = SOLVATED_EDGE_NM
+    modeller.addSolvent(ff, model="tip3p", boxSize=Vec3(edge, edge, edge) * unit.nanometer,
+                        ionicStrength=0.15 * unit.molar, positiveIon="Na+", negativeIon="Cl-")
+    system = ff.createSystem(modeller.topology, nonbondedMethod=app.PME,
+                             nonbondedCutoff=0.9 * unit.nanometer, constraints=app.HBonds, rigidWater=True)
+    barostat = mm.MonteCarloBarostat(1.0 * unit.bar, 300 * unit.kelvin)
+    barostat.setRandomNumberSeed(WATER_SEED)
+    system.addForce(barostat)
+    integrator = mm.LangevinMiddleIntegrator(300 * unit.kelvin, 1.0 / unit.picosecond, 2.0 * unit.femtosecond)
+    integrator.setRandomNumberSeed(WATER_SEED)
+    sim = app.Simulation(modeller.topology, system, integrator, mm.Platform.getPlatformByName("CPU"))
+    sim.context.setPositions(modeller.positions)
+    sim.minimizeEnergy()
+    sim.context.setVelocitiesToTemperature(300 * unit.kelvin, WATER_SEED)
+    sim.step(SOLVATED_NPT_STEPS)
+    state = sim.context.getState(getPositions=True)
+    box = np.array(state.getPeriodicBoxVectors().value_in_unit(unit.angstrom))
+    pos = state.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+    inv = np.linalg.inv(box)
+    peptide = [a.index for a in modeller.topology.atoms() if a.residue.name in ("ACE", "ALA", "NME")]
+    shift = np.floor(pos[peptide].mean(axis=0) @ inv) @ box
+    pos[peptide] -= shift
+    for residue in modeller.topology.residues():
+        if residue.name in ("ACE", "ALA", "NME"):
+            continue
+        idx = [a.index for a in residue.atoms()]
+        pos[idx] -= np.floor(pos[idx[0]] @ inv) @ box
+    top = modeller.topology
+    top.setPeriodicBoxVectors([Vec3(*row) for row in box] * unit.angstrom)
+    counts = {}
+    for residue in top.residues():
+        counts[residue.name] = counts.get(residue.name, 0) + 1
+    print(f"solvated dipeptide: {top.getNumAtoms()} atoms, {counts}, L = {box[0, 0]:.3f} A")
+    return top, [Vec3(*p) for p in pos] * unit.angstrom
+
+
+FILES = {"alanine-dipeptide.pdb": _alanine_dipeptide, "water-box.pdb": _water_box,
+         "alanine-dipeptide-solvated.pdb": _solvated_dipeptide}
+
+
+def main(names: list[str] | None = None) -> None:
+    """Write the named files (default: all) into ``nnpq/systems/data``."""
     data = Path(__file__).parent / "data"
     data.mkdir(exist_ok=True)
-    for filename, make in [("alanine-dipeptide.pdb", _alanine_dipeptide),
-                           ("water-box.pdb", _water_box)]:
+    for filename in names or FILES:
+        make = FILES[filename]
         top, positions = make()
         with open(data / filename, "w") as fh:
             app.PDBFile.writeFile(top, positions, fh, keepIds=True)
@@ -136,4 +196,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

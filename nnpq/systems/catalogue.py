@@ -25,7 +25,7 @@ from nnpq.systems.builders import RawSystem
 if TYPE_CHECKING:
     import ase
 
-__all__ = ["MolecularSystem", "SYSTEMS", "get_system", "list_systems", "clear_cache"]
+__all__ = ["MIXED_SYSTEMS", "MolecularSystem", "SYSTEMS", "get_system", "list_systems", "clear_cache"]
 
 
 # eq=False: array fields make the generated __eq__/__hash__ ill-defined, so
@@ -43,6 +43,10 @@ class MolecularSystem:
             ``None`` for a vacuum (non-periodic) system.
         topology: OpenMM topology in the same atom order, with bonds; its
             periodic box vectors (nm) are set iff ``box`` is not ``None``.
+        ml_atoms: for an ML/MM system, the indices of the atoms the ANI model
+            treats; ``None`` when the model treats every atom.
+        mm_force_field: OpenMM force-field files for the rest of an ML/MM
+            system (``app.ForceField(*mm_force_field)``); empty otherwise.
     """
 
     name: str
@@ -51,6 +55,8 @@ class MolecularSystem:
     positions: np.ndarray
     box: np.ndarray | None
     topology: app.Topology
+    ml_atoms: tuple[int, ...] | None = None
+    mm_force_field: tuple[str, ...] = ()
 
     @property
     def symbols(self) -> tuple[str, ...]:
@@ -87,6 +93,8 @@ class MolecularSystem:
 class _Entry:
     description: str
     build: Callable[[], RawSystem]
+    ml_residues: tuple[str, ...] = ()  # ML/MM systems: residues the model treats
+    mm_force_field: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -116,8 +124,20 @@ _REGISTRY: dict[str, _Entry] = {
     ),
 }
 
-#: Catalogue name -> one-line description.
+# ML/MM systems: atoms the model cannot treat (ions) are in the MM part, so they are kept
+# apart from the ANI-only catalogue that calibration and validation iterate over.
+_MIXED_REGISTRY: dict[str, _Entry] = {
+    "alanine-dipeptide-solvated": _Entry(
+        "ML/MM: Ace-Ala-NMe (ANI) in 266 TIP3P waters with one Na+/Cl- pair (Amber14), 822 atoms, 2.03 nm box",
+        functools.partial(builders.build_from_pdb, "alanine-dipeptide-solvated.pdb"),
+        ml_residues=("ACE", "ALA", "NME"), mm_force_field=("amber14-all.xml", "amber14/tip3p.xml"),
+    ),
+}
+
+#: Catalogue name -> one-line description (systems the model treats whole).
 SYSTEMS: dict[str, str] = {name: entry.description for name, entry in sorted(_REGISTRY.items())}
+#: ML/MM systems: name -> one-line description.
+MIXED_SYSTEMS: dict[str, str] = {name: entry.description for name, entry in sorted(_MIXED_REGISTRY.items())}
 
 
 def list_systems() -> list[str]:
@@ -133,7 +153,7 @@ def _readonly(a: np.ndarray, dtype: type) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _build(name: str) -> MolecularSystem:
-    entry = _REGISTRY[name]
+    entry = _REGISTRY.get(name) or _MIXED_REGISTRY[name]
     raw = entry.build()
     n = raw.atomic_numbers.shape[0]
     if raw.positions.shape != (n, 3) or raw.topology.getNumAtoms() != n:
@@ -145,6 +165,8 @@ def _build(name: str) -> MolecularSystem:
         positions=_readonly(raw.positions, np.float64),
         box=None if raw.box is None else _readonly(raw.box, np.float64),
         topology=raw.topology,
+        ml_atoms=tuple(a.index for a in raw.topology.atoms() if a.residue.name in entry.ml_residues) or None,
+        mm_force_field=entry.mm_force_field,
     )
 
 
@@ -157,7 +179,7 @@ def get_system(name: str) -> MolecularSystem:
     Raises:
         NnpqError: ``name`` is not in the catalogue.
     """
-    if name not in _REGISTRY:
+    if name not in _REGISTRY and name not in _MIXED_REGISTRY:
         raise NnpqError(_unknown_message(name))
     cached = _build(name)
     return MolecularSystem(
@@ -167,6 +189,8 @@ def get_system(name: str) -> MolecularSystem:
         positions=cached.positions,
         box=cached.box,
         topology=copy.deepcopy(cached.topology),
+        ml_atoms=cached.ml_atoms,
+        mm_force_field=cached.mm_force_field,
     )
 
 
@@ -176,7 +200,7 @@ def clear_cache() -> None:
 
 
 def _unknown_message(name: str) -> str:
-    names = list_systems()
+    names = list_systems() + sorted(_MIXED_REGISTRY)
     msg = f"unknown system {name!r}"
     close = difflib.get_close_matches(str(name), names, n=1)
     if close:
