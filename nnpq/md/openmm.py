@@ -184,6 +184,8 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
     check_elements(potential, chosen, selected)
     if periodic:
         potential.check_cell(np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)))
+    if backend == "torchforce" and getattr(potential, "mode", None) == "fast":
+        raise NnpqError("the fast mode's INT8 kernels run in Python only; use backend='pythonforce' (or 'auto')")
     if backend == "auto" and not isinstance(potential, ANIPotential):
         backend = "pythonforce"  # the fused runtime scripts, but runs far slower under TorchScript for now
     force = None

@@ -43,7 +43,7 @@ def feature_block(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _aev_model(model_name: str):
+def aev_model(model_name: str):
     """The published model's architecture (AEV constants; no weights needed), cell-list neighbours."""
     from nnpq.models.fp32 import assemble_architecture
 
@@ -52,7 +52,7 @@ def _aev_model(model_name: str):
 
 def aevs(model_name: str, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None = None) -> np.ndarray:
     """The ``(N, F)`` AEVs of one structure (positions and cell in Å) under ``model_name``'s AEV."""
-    ani = _aev_model(model_name)
+    ani = aev_model(model_name)
     species = torch.tensor(np.asarray(numbers), dtype=torch.long).unsqueeze(0)
     coords = torch.tensor(np.asarray(positions), dtype=torch.float32).unsqueeze(0)
     box = None if cell is None else torch.tensor(np.asarray(cell), dtype=torch.float32)
@@ -87,7 +87,7 @@ def aev_maxima(model_name: str, configs: Sequence) -> dict[str, np.ndarray]:
     followed by the largest norm of each neighbour block (see `block_index`)."""
     from torchani.neighbors import all_pairs
 
-    ani = _aev_model(model_name)
+    ani = aev_model(model_name)
     aev_computer = ani.potentials["nnp"].aev_computer
     blocks, index = block_index(ani.symbols)
     maxima: dict[str, np.ndarray] = {}

@@ -68,7 +68,9 @@ class Potential(torch.nn.Module):
     @torch.jit.unused
     def cutoff(self) -> float:
         """The model's range, Angstrom: the radial cutoff of its AEV computer (5.1 for ANI-2x)."""
-        return float(self.ani.aev_computer.radial.cutoff)
+        from nnpq.models.domain import aev_model
+
+        return float(aev_model(self.model_name).potentials["nnp"].aev_computer.radial.cutoff)
 
     @torch.jit.unused
     def check_elements(self, numbers: np.ndarray) -> np.ndarray:
