@@ -91,7 +91,7 @@ def original(tmp_path_factory) -> Original:
     header = json.loads(data[8:8 + size])
     manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
     assert len(manifest["packed_shapes"]) == 2  # H layer 0 of member 0, C layer 1 of member 1
-    loaded = load_quantized(path).ani.state_dict()
+    loaded = load_quantized(path, mode="reference").ani.state_dict()
     memory = model.state_dict()
     assert all(torch.equal(loaded[k], memory[k]) and loaded[k].dtype == memory[k].dtype for k in memory)
     return Original(data, header, data[8 + size:], manifest, safetensors.torch.load(data), read_artifact(path).tensors)

@@ -12,7 +12,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from nnpq.errors import NnpqError
 from nnpq.md.model import resolve_potential
-from nnpq.models import Potential, energy_and_forces
+from nnpq.models import ANIPotential, Potential, energy_and_forces
 from nnpq.models.domain import check_domain
 from nnpq.units import HARTREE_TO_EV_
 
@@ -97,7 +97,8 @@ def _energy_forces_virial(potential: Potential, numbers: np.ndarray, positions: 
 
     The strain ``eps`` (symmetrized) deforms positions and cell alike: ``x -> x (1 + eps)``.
     """
-    if not stress or stress_kind == "numerical":
+    # the fused runtime's fast AEV differentiates positions, not the cell: its stress is numerical
+    if not stress or stress_kind == "numerical" or not isinstance(potential, ANIPotential):
         energy, forces = energy_and_forces(potential, numbers, positions, cell)
         return energy, forces, _numerical_virial(potential, numbers, positions, cell) if stress else None
     z = torch.as_tensor(np.asarray(numbers), dtype=torch.long)
