@@ -24,7 +24,6 @@ from nnpq.md.ase import NnpqCalculator
 from nnpq.md.openmm import create_system
 from nnpq.models import load_potential
 from nnpq.models.fp32 import weights_path
-from nnpq.models.layers import QuantizedLinear
 from nnpq.models.potential import closest_pair
 from nnpq.structures import read_configurations
 from nnpq.validation.user_eval import evaluate_files
@@ -175,13 +174,13 @@ def test_a_file_named_like_a_model_is_loaded_as_a_file(w8_path, tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fp32 = load_potential("ani2x")  # no such file: the FP32 model, silently
-    assert not any(isinstance(m, QuantizedLinear) for m in fp32.modules())
+    assert fp32.mode == "fp32"
 
     shutil.copy(w8_path, tmp_path / "ani2x")
     with pytest.warns(UserWarning, match="'ani2x' is both an existing file and the name of an FP32 model; "
                                          "loading the file .*ani2x as an .nnpq model"):
         loaded = load_potential("ani2x")
-    assert any(isinstance(m, QuantizedLinear) for m in loaded.modules())
+    assert loaded.mode == "exact" and loaded.label == "ani2x"
 
     (tmp_path / "ani2x").write_bytes(b"not a model")  # the file still wins: its own error, no FP32 fallback
     with pytest.warns(UserWarning), pytest.raises(NnpqError, match="ani2x is not a valid nnpq model file"):
@@ -200,7 +199,7 @@ def test_missing_weights_give_one_message_from_every_command(w8_path, tmp_path, 
     lines = {
         "quantize": _cli_error(["quantize", "ani2x", "-o", "out.nnpq", "-q"], capsys),
         "evaluate": _cli_error(["evaluate", str(w8_path), "--input", str(structure), "-q"], capsys),
-        "validate": _cli_error(["validate", str(w8_path), "--system", "ethanol", "--steps", "100", "-q"], capsys),
+        "validate": _cli_error(["validate", str(w8_path), "--systems", "ethanol", "--short", "--serial"], capsys),
         "evaluate fp32": _cli_error(["evaluate", "ani2x", "--input", str(structure), "-q"], capsys),
     }
     expected = (f"nnpq: error: ANI-2x weights not found at {empty}/StateDicts/ani2x_state_dict.pt "

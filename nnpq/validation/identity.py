@@ -51,11 +51,11 @@ def runtime_modes() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _fp32_sha256(name: str) -> str:
-    from nnpq.models.fp32 import file_sha256, weights_path
+    from nnpq.models.fp32 import _missing_weights_message, file_sha256, model_spec, weights_path
 
     path = weights_path(name)
-    if not path.is_file():
-        raise NnpqError(f"{name} weights not found at {path}; set TORCHANI_DATA_DIR to the folder holding StateDicts")
+    if not path.is_file():  # the one message every command gives for missing weights
+        raise NnpqError(_missing_weights_message(model_spec(name), path))
     return file_sha256(path)
 
 
