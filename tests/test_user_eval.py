@@ -138,12 +138,13 @@ def test_xyz_result_equals_direct_evaluation(fp32_ani2x, w8_path, w8_ani2x, file
     assert result["neighborlist"] == "all_pairs"
     configs = read_configurations(files["xyz"])
     direct = set_errors(outputs_on(fp32_ani2x, configs), outputs_on(w8_ani2x, configs), configs)
+    # outputs_on batches molecules through TorchANI, evaluate goes frame by frame: float32 summation order
     for key in ("force_rmse", "force_rms_ref", "energy_mae_per_atom", "energy_max_per_atom"):
-        assert result["overall"][key] == pytest.approx(direct[key], rel=1e-12, abs=1e-15)
+        assert result["overall"][key] == pytest.approx(direct[key], rel=1e-5, abs=1e-9)
         if key in result["per_file"][str(files["xyz"])]:
-            assert result["per_file"][str(files["xyz"])][key] == pytest.approx(direct[key], rel=1e-12, abs=1e-15)
+            assert result["per_file"][str(files["xyz"])][key] == pytest.approx(direct[key], rel=1e-5, abs=1e-9)
     for sym, entry in direct["per_element"].items():
-        assert result["per_element"][sym]["force_rmse"] == pytest.approx(entry["force_rmse"], rel=1e-12)
+        assert result["per_element"][sym]["force_rmse"] == pytest.approx(entry["force_rmse"], rel=1e-5)
 
 
 def test_dcd_frames_match_the_same_frames_from_xyz(w8_path, files):

@@ -65,6 +65,7 @@ class PythonForceComputation:
     def __init__(self, module: OpenMMEnergy, periodic: bool) -> None:
         self.module = module
         self.periodic = periodic
+        self.checked = False
 
     def __call__(self, state: openmm.State) -> tuple[float, np.ndarray]:
         device = self.module.numbers.device
@@ -74,10 +75,12 @@ class PythonForceComputation:
         if self.periodic:
             box = torch.tensor(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer),
                                dtype=torch.float64, device=device)
-        # in Python anyway, so overlapping atoms get their one-line message (OpenMM passes it on)
-        self.module.potential.check_inputs(self.module.numbers.cpu().numpy(),
-                                           positions.detach().cpu().numpy() * NM_TO_ANGSTROM,
-                                           None if box is None else box.cpu().numpy() * NM_TO_ANGSTROM)
+        if not self.checked:  # the starting structure gets its one-line messages (OpenMM passes them on);
+            # later calls are left alone: a minimizer's line search may probe close contacts on purpose
+            self.module.potential.check_inputs(self.module.numbers.cpu().numpy(),
+                                               positions.detach().cpu().numpy() * NM_TO_ANGSTROM,
+                                               None if box is None else box.cpu().numpy() * NM_TO_ANGSTROM)
+            self.checked = True
         energy = self.module(positions, box)
         (grad,) = torch.autograd.grad(energy, positions)
         return float(energy.detach()), -grad.cpu().numpy()
