@@ -133,9 +133,11 @@ def source_info(model_name: str) -> dict[str, Any]:
 def file_overhead_bytes(fp32: torch.nn.Module) -> float:
     """Room for the file's safetensors header and manifest beside the tensor bytes: each tensor's
     JSON entry (name, dtype, shape, offsets), the quantized layers' extra buffers, the manifest.
-    Measured on ANI-2x: 150 kB of tensor entries and 24 kB of manifest; this allows 230 kB."""
+    Measured on ANI-2x: 150 kB of tensor entries and 24 kB of manifest; this allows 230 kB, plus
+    the applicability domain (per element, each AEV feature's and block's maximum as ~7 characters)."""
     keys = fp32.state_dict().keys()
-    return 2.5 * sum(len(k) + 80 for k in keys) + 64e3
+    domain = 7.0 * len(fp32.symbols) * (fp32.aev_computer.out_dim + 64)
+    return 2.5 * sum(len(k) + 80 for k in keys) + 64e3 + domain
 
 
 def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
@@ -282,7 +284,10 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
             model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
             heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
     domain = Domain(aev_maxima(spec.name, calib.calibration), tuple(fp32.symbols))
-    metrics = {"heldout": heldout, "calibration": calib.summary(), "seed": seed, "budget": budget,
+    # per-molecule breakdowns stay in the printed table: hundreds of entries would crowd the size budget
+    stored = {name: {k: ({kk: vv for kk, vv in v.items() if kk != "per_molecule"} if k == "chemistry" else v)
+                     for k, v in row.items() if k != "per_molecule"} for name, row in heldout.items()}
+    metrics = {"heldout": stored, "calibration": calib.summary(), "seed": seed, "budget": budget,
                "heldout_groups": calib.heldout_groups, "coverage": domain.coverage(),
                "rounding": options.rounding.__dict__,
                "refit": {**dataclasses.asdict(options.refit), "loss_first": refit_loss[:1], "loss_last": refit_loss[-1:]}}

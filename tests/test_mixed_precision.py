@@ -266,7 +266,7 @@ def test_refit_of_fp32_parameters_lowers_errors_and_keeps_codes(fp32_model, fp32
         isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def test_budgeted_quantize_end_to_end(tmp_path, small_calibration, capsys):
+def test_budgeted_quantize_end_to_end(tmp_path, small_calibration, fp32_model, capsys):
     from nnpq.artifact import read_artifact
     from nnpq.models import load_potential
     from nnpq.pipeline import QuantizeOptions, format_result, quantize_to_file
@@ -278,7 +278,10 @@ def test_budgeted_quantize_end_to_end(tmp_path, small_calibration, capsys):
     out = tmp_path / "mixed.nnpq"
     result = quantize_to_file("ani2x", out, options)
     assert out.stat().st_size <= 11e6  # packed codes and a header allowance: the budget holds for the file
-    assert abs(out.stat().st_size - result.heldout["this plan"]["bytes"]) < 0.02 * out.stat().st_size
+    from nnpq.pipeline import file_overhead_bytes
+
+    # the file is the predicted tensor bytes plus a header and manifest within their allowance
+    assert 0 < out.stat().st_size - result.heldout["this plan"]["bytes"] < file_overhead_bytes(fp32_model)
     manifest = read_artifact(out).manifest
     assert 10.7e6 < manifest["metrics"]["budget"]["max_bytes"] < 11e6  # tensor bytes: the budget less the header
     assert {r["weight"]["bits"] for r in manifest["plan"]["rules"]} >= {4}

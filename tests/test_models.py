@@ -115,21 +115,21 @@ def test_forces_are_minus_energy_gradient_ethanol(model):
 
 
 def test_periodic_forces_and_wrapping(model):
-    """Four waters in an 8 Å box: images interact, wrapping is invisible, forces are -dE/dx."""
-    numbers, positions = _four_waters()
-    cell = np.eye(3) * 8.0
+    """The water box (17.6 Å; narrower cells are refused): images interact, wrapping is invisible, forces are -dE/dx."""
+    wb = get_system("water-box")
+    numbers, positions, cell = wb.atomic_numbers.copy(), np.array(wb.positions), np.array(wb.box)
     # put one hydrogen just outside the x=0 face: the FD steps then cross the cell boundary
     positions = positions + np.array([-0.0004 - positions[1, 0], 0.0, 0.0])
     assert positions.min() < 0  # atoms outside the central cell: the wrapping path is used
 
     e_vac, _ = energy_and_forces(model, numbers, positions)
     energy, forces = energy_and_forces(model, numbers, positions, cell)
-    # the periodic images are within the cutoff (measured -1.6 kcal/mol): PBC is really on
+    # the periodic images are within the cutoff: PBC is really on
     assert abs(energy - e_vac) * HARTREE_TO_KCAL_MOL > 0.5
 
     # a lattice translation or explicit wrapping is the same configuration
     e_shift, f_shift = energy_and_forces(model, numbers, positions + cell[0] - 2 * cell[2], cell)
-    e_wrap, f_wrap = energy_and_forces(model, numbers, np.mod(positions, 8.0), cell)
+    e_wrap, f_wrap = energy_and_forces(model, numbers, np.mod(positions, cell[0, 0]), cell)
     for e, f in ((e_shift, f_shift), (e_wrap, f_wrap)):
         assert abs(e - energy) < 1e-6  # float32 rounding of shifted coordinates (measured 6e-8 Ha)
         np.testing.assert_allclose(f, forces, atol=2e-5)

@@ -105,12 +105,12 @@ def test_stage_resumes_from_appended_chunks(w8_ani2x, tmp_path):
 @pytest.fixture(scope="module")
 def ethanol_serial(tmp_path_factory, w8_path):
     """The ethanol campaign (FP32 + W8, 2 seeds) run with Dask's synchronous scheduler."""
-    campaign = campaign_for([str(w8_path)], ["ethanol"], 2, tmp_path_factory.mktemp("serial"), TINY)
+    campaign = campaign_for([str(w8_path)], ["ethanol"], 2, tmp_path_factory.mktemp("serial"), TINY, ("exact",))
     return validate(campaign, execution=Execution(serial=True))
 
 
 def test_local_cluster_gives_the_serial_report(ethanol_serial, w8_path, tmp_path):
-    campaign = campaign_for([str(w8_path)], ["ethanol"], 2, tmp_path / "cluster", TINY)
+    campaign = campaign_for([str(w8_path)], ["ethanol"], 2, tmp_path / "cluster", TINY, ("exact",))
     report = validate(campaign, execution=Execution(workers=2))
     assert report["execution"]["tasks"] == {"done": 8, "reused": 0, "failed": 0}  # 2 starts, 4 runs, 2 fidelity
     assert without_volatile(report) == without_volatile(ethanol_serial)
@@ -133,7 +133,7 @@ def test_killed_campaign_resumes_to_the_same_report(ethanol_serial, w8_path, tmp
     done = {p: p.stat().st_mtime_ns for p in (out / "tasks").rglob("*.json")}
     assert any("run" in p.parts for p in done)
 
-    campaign = campaign_for([str(w8_path)], ["ethanol"], 2, out, TINY)
+    campaign = campaign_for([str(w8_path)], ["ethanol"], 2, out, TINY, ("exact",))
     partial = validate(campaign, execution=Execution(report_only=True))
     assert not partial["complete"]
     missing = {m["task"] for m in partial["missing"]}
@@ -161,12 +161,12 @@ def test_requantized_model_never_reuses_old_trajectories(w8_path, tmp_path):
     model = tmp_path / "model.nnpq"
     shutil.copy(w8_path, model)
     out = tmp_path / "out"
-    first = validate(campaign_for([str(model)], ["ethanol"], 1, out, TINY), execution=Execution(serial=True))
+    first = validate(campaign_for([str(model)], ["ethanol"], 1, out, TINY, ("exact",)), execution=Execution(serial=True))
     fp32_nve = read_frames(out / "runs/ethanol/seed-1/fp32/nve_0.5fs")
 
     plan = uniform_plan(TensorFormat.parse("int8/g32/asym"))  # another RTN plan, same file name
     save_artifact(model, quantize_model(load_fp32("ani2x"), plan), plan, source_info("ani2x"))
-    second = validate(campaign_for([str(model)], ["ethanol"], 1, out, TINY), execution=Execution(serial=True))
+    second = validate(campaign_for([str(model)], ["ethanol"], 1, out, TINY, ("exact",)), execution=Execution(serial=True))
 
     assert second["models"][1]["sha256"] != first["models"][1]["sha256"]
     assert second["execution"]["tasks"] == {"done": 2, "reused": 2, "failed": 0}  # FP32 start and run reused

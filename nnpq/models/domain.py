@@ -126,7 +126,8 @@ class Domain:
         self.n_features = len(self.index)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"aev_max": {e: [float(f"{v:.4g}") for v in m] for e, m in self.maxima.items()},
+        # 3 significant digits are plenty for a 1.5x margin, and keep the manifest small
+        return {"aev_max": {e: [float(f"{v:.3g}") if v > 0 else 0 for v in m] for e, m in self.maxima.items()},
                 "symbols": list(self.symbols), "factor": DOMAIN_FACTOR, "floor": DOMAIN_FLOOR}
 
     @classmethod
