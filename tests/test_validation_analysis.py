@@ -371,7 +371,7 @@ def test_report_observables_and_verdicts_are_consistent(report):
             name = v["metric"].removeprefix("js_")
             assert v["noise_floor"] == entry["noise_floor"][name]["mean"]  # FP32 seed 1 vs seed 2
             assert v["value"] == entry["models"][v["model"]]["observables"][name]["distance"]["mean"]
-            assert 0.0 < v["value"] <= 1.0
+            assert 0.0 <= v["value"] <= 1.0  # 0 when the short paired runs have not yet diverged
     metrics = {(v["system"], v["metric"]) for v in report["verdicts"]}
     assert ("water-box", "js_rdf_O-O") in metrics and ("alanine-dipeptide", "js_phi") in metrics
     assert ("water-box", "drift_nve_1fs") in metrics and ("water-box", "stress_force_max_compressed") in metrics

@@ -42,6 +42,7 @@ def execute(c: Campaign, scheduler: str | None = None, workers: int = 2, serial:
     """Run every task not already done; return each task's status (``done``, ``reused`` or
     ``failed`` with an ``error``), sorted by task name."""
     import dask
+    import distributed  # noqa: F401  its config defaults must be loaded before the overrides below
 
     tasks = graph(c)
     # An MD task can keep its worker busy (and its event loop slow) for minutes on a loaded
