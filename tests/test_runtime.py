@@ -14,6 +14,7 @@ import torch
 
 from nnpq.errors import NnpqError
 from nnpq.kernels import cpu
+from nnpq.kernels.build import build_error
 from nnpq.kernels.int8 import dequantize_weight
 from nnpq.models import ANIPotential, energy_and_forces, load_fp32, load_potential
 from nnpq.runtime import RuntimePotential, runtime_from_tensors
@@ -33,31 +34,41 @@ def _spread_inputs(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen) * torch.logspace(-3, 1, cols)[torch.randperm(cols, generator=gen)]
 
 
-@pytest.mark.parametrize("planes,rows", [(1, 37), (2, 37), (1, 5)])  # 5 rows: the padded short product
-def test_int8_linear_and_input_grad_equal_references(planes, rows):
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+@pytest.mark.parametrize("rows", [37, 5])  # 5 rows: the padded short product
+def test_split_rows_and_product_equal_references(kernels, rows, monkeypatch):
+    if kernels == "cpp" and not cpu.cpp_kernels():
+        pytest.skip(f"the C++ kernels did not build here: {build_error('nnpq_int8')}")
+    if kernels == "torch":
+        monkeypatch.setattr(cpu, "cpp_kernels", lambda build=True: False)
     x = _spread_inputs(rows, 224)
     weight = torch.randn(48, 224, generator=torch.Generator().manual_seed(1))
-    bias = torch.randn(48)
-    codes, scales = cpu.quantize_weight_blocks(weight, 112)
-    assert [c.dtype for c in codes] == [torch.int8, torch.int8] and scales.shape == (48, 2)
-    out = cpu.int8_linear(x, codes, scales, bias, planes)
-    ref = cpu.int8_linear_reference(x, codes, scales, bias, planes)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    grad_out = torch.randn(rows, 48)
-    g = cpu.int8_input_grad(grad_out, codes, scales, planes)
-    g_ref = cpu.int8_input_grad_reference(grad_out, codes, scales, planes)
-    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+    bias, col = torch.randn(48), torch.rand(224) + 0.5
+    w_codes, w_scale = cpu.split_rows(weight)
+    assert w_codes.dtype == torch.int8 and w_codes.shape == (96, 224) and w_scale.shape == (48, 1)
+    codes, scale = cpu.split_rows(x, col)
+    ref_codes, ref_scale = cpu.split_rows_torch(x, col)
+    torch.testing.assert_close(scale, ref_scale)
+    # a float rounding difference may move a second-plane code by one step (1/254 of the first's)
+    assert (codes[:rows] == ref_codes[:rows]).all() and (codes[rows:].int() - ref_codes[rows:].int()).abs().max() <= 1
+    w1, w2 = w_codes[:48].t(), w_codes[48:].t()
+    for extra in ({}, {"col_scale": w_scale.flatten(), "bias": bias, "alpha": 0.1}):
+        out = cpu.split_product(codes, scale, w1, w2, **extra)
+        ref = cpu.split_product_reference(codes, scale, w1, w2, **extra)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_two_planes_carry_about_fifteen_bits():
-    """Against the float product with the same INT8 weight, one plane errs ~1e-2 of the output
-    range, two planes ~1e-4 (measured 8e-3 and 3e-5)."""
+    """Both operands split into two planes: the product errs ~1e-4 of its range against float64
+    (measured 4.6e-5 on AEV-like inputs), where bfloat16 operands err ~3e-3."""
     x = _spread_inputs(64, 224, seed=2)
-    codes, scales = cpu.quantize_weight_blocks(torch.randn(32, 224), 224)
-    exact = x @ (codes[0].double() * scales.double()).float().t()
-    errors = [float((cpu.int8_linear(x, codes, scales, None, p) - exact).abs().max() / exact.abs().max())
-              for p in (1, 2)]
-    assert errors[0] > 1e-3 and errors[1] < 3e-4 and errors[1] < errors[0] / 30, errors
+    weight = torch.randn(32, 224, generator=torch.Generator().manual_seed(3))
+    exact = x.double() @ weight.double().t()
+    w_codes, w_scale = cpu.split_rows(weight)
+    out = cpu.split_product(*cpu.split_rows(x), w_codes[:32].t(), w_codes[32:].t(), w_scale.flatten())
+    error = float((out.double() - exact).abs().max() / exact.abs().max())
+    half = float(((x.bfloat16() @ weight.bfloat16().t()).double() - exact).abs().max() / exact.abs().max())
+    assert error < 3e-4 and error < half / 10, (error, half)
 
 
 @pytest.mark.parametrize("fmt", ["int8/channel", "int8/g32/asym", "int4/g32/asym", "int8/tensor"])
@@ -204,10 +215,14 @@ class _ReferenceFastNet(FastElementNet):
     """`FastElementNet` with its layer-0 kernels swapped for their plain-torch references."""
 
     def first_forward(self, x, w0):
-        return cpu.int8_linear_reference(x, self._codes(), self.w_scale, self.layers[0].bias, self.planes)
+        n = self.w_scale.shape[0]
+        return cpu.split_product_reference(*cpu.split_rows_torch(x), self.w_planes[:n].t(), self.w_planes[n:].t(),
+                                           self.w_scale, self.layers[0].bias, self.alpha)
 
     def first_backward(self, dz, w0):
-        return cpu.int8_input_grad_reference(dz, self._codes(), self.w_scale, self.grad_planes)
+        n = self.w_scale.shape[0]
+        return cpu.split_product_reference(*cpu.split_rows_torch(dz, self.w_scale), self.w_planes[:n],
+                                           self.w_planes[n:])
 
 
 def test_fast_mode_equals_its_plain_torch_reference(w8_path, w8_ani2x):
@@ -221,8 +236,11 @@ def test_fast_mode_equals_its_plain_torch_reference(w8_path, w8_ani2x):
         x = aev[species == i]
         if len(x) == 0:
             continue
-        # the stored symmetric per-channel codes are used as they are
-        assert torch.equal(net.codes_0, w8_ani2x.networks.elements[i].layers[0].blocks[0].qweight)
+        # the two weight planes hold the plan's dequantized layer-0 weight to ~15 bits
+        n = net.w_scale.shape[0]
+        weight = w8_ani2x.networks.elements[i].layers[0].weight()
+        planes = (net.w_planes[:n].double() + net.w_planes[n:].double() / cpu.PLANE_RATIO) * net.w_scale.double()[:, None]
+        assert float((planes - weight.double()).abs().max() / weight.abs().max()) < 1e-4
         reference = _ReferenceFastNet.__new__(_ReferenceFastNet)
         reference.__dict__ = net.__dict__
         e, g = net(x, True)
@@ -233,10 +251,11 @@ def test_fast_mode_equals_its_plain_torch_reference(w8_path, w8_ani2x):
 
 
 def test_fast_mode_stays_close_to_exact(w8_path, w8_ani2x, fp32_ani2x):
-    """Two INT8 planes per activation row: the fast mode adds almost nothing to the weight error.
+    """The fast mode adds little to the plan's own error.
 
     Measured on three frames of aspirin (0.05 Å displacements): exact vs FP32 force RMSE
-    ~1.0 kcal/mol/Å (the w8 plan's weight rounding); fast vs exact 0.01.
+    ~1.0 kcal/mol/Å (the w8 plan's weight rounding); fast vs exact 0.05 (0.01 from the INT8
+    layer 0, the rest from the bfloat16 later layers).
     """
     fast = load_potential(w8_path, mode="fast")
     system = get_system("aspirin")
@@ -244,8 +263,8 @@ def test_fast_mode_stays_close_to_exact(w8_path, w8_ani2x, fp32_ani2x):
         e_fast, f_fast = energy_and_forces(fast, system.atomic_numbers, positions)
         e_exact, f_exact = energy_and_forces(w8_ani2x, system.atomic_numbers, positions)
         rmse = np.sqrt(np.mean((f_fast - f_exact) ** 2)) * HARTREE_TO_KCAL_MOL
-        assert 0 < rmse < 0.05, rmse
-        assert abs(e_fast - e_exact) * HARTREE_TO_KCAL_MOL / len(positions) < 0.01
+        assert 0 < rmse < 0.1, rmse
+        assert abs(e_fast - e_exact) * HARTREE_TO_KCAL_MOL / len(positions) < 0.005
 
 
 # --- modes through the loaders and engines ------------------------------------------------------

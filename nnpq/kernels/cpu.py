@@ -1,13 +1,14 @@
 """CPU kernels of the fused runtime, each beside the plain-torch reference it is tested against.
 
-W8A8 products run on ``torch._int_mm`` (int8 x int8 -> exact int32; VNNI/AMX on x86). The
-weight is symmetric INT8 with one scale per output row and block of columns. The activation
-of each row is split into INT8 *planes* sharing one scale: the first rounds it, the second
-rounds what the first left, 254 times finer, so two planes carry ~15 bits, and the planes are
-stacked as rows of one product. One plane (plain per-row W8A8) loses the small AEV features:
-on held-out drug-like molecules it erred 2.2 kcal/mol/Å against FP32 where the weight-only
-model erred 1.06; two planes 1.06 (0.01 from the weight-only forces). The int32 products
-are rescaled in float32.
+W8A8 products run on ``torch._int_mm`` (int8 x int8 -> exact int32; VNNI on x86). Both
+operands are split into two INT8 *planes* sharing one scale per row: the first rounds the
+row, the second rounds what the first left, 254 times finer, so a row carries ~15 bits
+(`split_rows`). One plane per row (plain W8A8) loses the small AEV features (held-out
+drug-like molecules: 2.2 kcal/mol/Å against FP32 where the weight-only model erred 1.06),
+and re-rounding a group-wise weight to one INT8 code per element loses the plan's accuracy
+(int8/g8 -> per-row codes: 0.42 on held-out chemistry). Two planes each way cost three INT8
+products (`split_product`), still ~2x faster than the float32 product on this VNNI CPU, and
+add ~1e-4 relative error. The int32 products are rescaled in float32.
 
 Rounding the activations makes a product piecewise constant in its input: the W8A8 kernels
 serve the ``fast`` mode only. The ``exact`` mode multiplies float32 activations by weights
@@ -16,54 +17,47 @@ that `dequantize_codes` expands per call (reference: `nnpq.kernels.int8.dequanti
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from nnpq.kernels.build import load_extension
 
 INT8_MAX = 127.0
 PLANE_RATIO = 254.0  # a plane's remainder lies in [-0.5, 0.5] of its step: the next plane's step is 1/254 of it
 
 
-def _row_scale(x: Tensor) -> Tensor:
-    """``max |x|`` of each row ``/ 127`` as ``(M, 1)``: one pass (min and max together), no ``|x|`` copy."""
-    low, high = torch.aminmax(x, dim=1, keepdim=True)
-    return torch.maximum(high, low.neg()).clamp_min_(1e-30).div_(INT8_MAX)
+def cpp_kernels(build: bool = True) -> bool:
+    """Whether the fused C++ passes (``int8_cpu.cpp``, ``torch.ops.nnpq_int8``) are loaded, building them if ``build``."""
+    return load_extension("nnpq_int8", Path(__file__).with_name("int8_cpu.cpp"), build)
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric INT8 codes of ``x`` ``(M, K)`` with one scale per row: ``x ~ codes * scale``."""
-    scale = _row_scale(x)
-    codes = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, scale
+def split_rows(x: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``y = x * col_scale`` (``x`` ``(M, K)`` float32, ``col_scale`` ``(K,)`` or None) as two stacked
+    INT8 planes ``(2M, K)`` and row scales ``(M, 1)``.
 
-
-def quantize_weight_blocks(weight: Tensor, width: int) -> tuple[list[Tensor], Tensor]:
-    """Symmetric INT8 codes of ``weight`` ``(N, K)``, one scale per output row and block of ``width`` columns.
-
-    Returns the codes of each block (``(N, width)``, contiguous) and the scales ``(N, K // width)``.
+    ``y ~ scale * (q1 + q2 / 254)``: the first plane rounds ``y / scale`` (``|y / scale| <= 127``),
+    the second rounds what the first left, 254 times finer, so a row carries ~15 bits. One C++
+    pass where the kernels are built (CPU tensors), else `split_rows_torch`.
     """
-    codes, scales = [], []
-    for start in range(0, weight.shape[1], width):
-        q, s = quantize_rows(weight[:, start:start + width])
-        codes.append(q.contiguous())
-        scales.append(s)
-    return codes, torch.cat(scales, dim=1)
+    if x.device.type == "cpu" and cpp_kernels(build=False):
+        return torch.ops.nnpq_int8.split_rows(x, x.new_zeros(0) if col_scale is None else col_scale)
+    return split_rows_torch(x, col_scale)
 
 
-def quantize_planes(x: Tensor, planes: int) -> tuple[Tensor, Tensor]:
-    """``x`` ``(M, K)`` as ``planes`` stacked INT8 codes ``(planes * M, K)`` and row scales ``(M, 1)``.
-
-    ``x ~ scale * sum_p codes[p] / 254**p``: each plane rounds what the planes before it left,
-    so two planes carry ~15 bits per row at the cost of a product with twice the rows.
-    """
+def split_rows_torch(x: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Plain-torch `split_rows` (reference and fallback)."""
+    if col_scale is not None:
+        x = x * col_scale
     m = x.shape[0]
-    scale = _row_scale(x)
-    t = x * scale.reciprocal()  # |t| <= 127
-    codes = torch.empty(planes * m, x.shape[1], dtype=torch.int8, device=x.device)
-    for p in range(planes):
-        q = torch.round(t)
-        codes[p * m:(p + 1) * m].copy_(q)
-        if p + 1 < planes:
-            t = t.sub_(q).mul_(PLANE_RATIO)
+    scale = x.abs().amax(1, keepdim=True).clamp_min_(1e-30).div_(INT8_MAX)
+    t = (x / scale).clamp_(-INT8_MAX, INT8_MAX)
+    codes = torch.empty(2 * m, x.shape[1], dtype=torch.int8, device=x.device)
+    first = torch.round(t)
+    codes[:m].copy_(first)
+    codes[m:].copy_(torch.round(t.sub_(first).mul_(PLANE_RATIO)))
     return codes, scale
 
 
@@ -79,73 +73,43 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(torch.cat([a, a.new_zeros(17 - m, a.shape[1])]), b)[:m]
 
 
-def _sum_planes(products: Tensor, planes: int) -> Tensor:
-    """``sum_p products[p] / 254**p`` of an int32 ``(planes * M, N)`` product, float32 ``(M, N)``."""
-    parts = products.to(torch.float32).view(planes, products.shape[0] // planes, products.shape[1])
-    out = parts[planes - 1]
-    for p in range(planes - 2, -1, -1):
-        out = torch.add(parts[p], out, alpha=1.0 / PLANE_RATIO)
-    return out
+def split_product(codes: Tensor, scale: Tensor, w1: Tensor, w2: Tensor, col_scale: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, alpha: float = 0.0) -> Tensor:
+    """``x @ (w1 + w2 / 254)`` for ``x`` given by `split_rows` and INT8 ``w1, w2`` ``(K, N)`` (views allowed),
+    times ``col_scale`` ``(N,)``, plus ``bias`` ``(N,)``, through CELU(``alpha``) if ``alpha > 0``.
 
-
-def _dequantize_planes(codes: Tensor, scale: Tensor, planes: int) -> Tensor:
-    """Float64 value of `quantize_planes`' output (for the references)."""
-    parts = codes.double().view(planes, -1, codes.shape[1])
-    weights = torch.tensor([PLANE_RATIO ** -p for p in range(planes)], dtype=torch.float64).view(planes, 1, 1)
-    return (parts * weights).sum(0) * scale.double()
-
-
-def int8_linear(x: Tensor, codes: list[Tensor], w_scale: Tensor, bias: Tensor | None, planes: int = 1) -> Tensor:
-    """``x @ W.T + bias`` on ``torch._int_mm``, ``W`` as block codes ``(N, K_b)`` and scales ``(N, blocks)``.
-
-    ``x`` ``(M, K)`` float32 is rounded to ``planes`` INT8 planes per row and block, stacked as
-    rows of one product per block. Result ``(M, N)`` float32.
+    Three INT8 products, each exact in int32: both activation planes times ``w1`` (one product of
+    ``2M`` rows) and the first plane times ``w2``; the plane-2 x plane-2 term (``254**-2``) is
+    dropped. The scales, bias and CELU are applied in one C++ pass where the kernels are built.
+    Result ``(M, N)`` float32.
     """
-    out: Tensor | None = None
-    start = 0
-    for b, q_w in enumerate(codes):
-        stop = start + q_w.shape[1]
-        q_x, s_x = quantize_planes(x[:, start:stop], planes)
-        part = _sum_planes(int_mm(q_x, q_w.t()), planes).mul_(s_x).mul_(w_scale[:, b])
-        out = part if out is None else out.add_(part)
-        start = stop
-    assert out is not None
-    return out if bias is None else out.add_(bias)
+    m = codes.shape[0] // 2
+    coarse = int_mm(codes, w1)
+    fine = int_mm(codes[:m], w2)
+    if coarse.device.type == "cpu" and cpp_kernels(build=False):
+        empty = scale.new_zeros(0)
+        return torch.ops.nnpq_int8.combine(coarse, fine, scale, empty if col_scale is None else col_scale,
+                                           empty if bias is None else bias, alpha)
+    out = coarse[:m].to(torch.float32).add_(coarse[m:].to(torch.float32).add_(fine.to(torch.float32)),
+                                            alpha=1.0 / PLANE_RATIO).mul_(scale)
+    if col_scale is not None:
+        out.mul_(col_scale)
+    if bias is not None:
+        out.add_(bias)
+    return torch.nn.functional.celu(out, alpha) if alpha > 0 else out
 
 
-def int8_linear_reference(x: Tensor, codes: list[Tensor], w_scale: Tensor, bias: Tensor | None,
-                          planes: int = 1) -> Tensor:
-    """Plain-torch `int8_linear`: the same roundings, dequantized, in a float64 matmul."""
-    xs, ws, start = [], [], 0
-    for b, q_w in enumerate(codes):
-        stop = start + q_w.shape[1]
-        xs.append(_dequantize_planes(*quantize_planes(x[:, start:stop], planes), planes))
-        ws.append(q_w.double() * w_scale[:, b:b + 1].double())
-        start = stop
-    out = torch.cat(xs, 1) @ torch.cat(ws, 1).t()
-    return (out if bias is None else out + bias.double()).to(torch.float32)
-
-
-def int8_input_grad(grad_out: Tensor, codes: list[Tensor], w_scale: Tensor, planes: int = 1) -> Tensor:
-    """``grad_out @ W`` (the input gradient of `int8_linear`'s product) on ``torch._int_mm``.
-
-    ``W``'s row scales lie on the reduction axis, so they are folded into ``grad_out`` (exact),
-    which is then rounded to ``planes`` INT8 planes per row. Result ``(M, K)`` float32.
-    """
-    parts = []
-    for b, q_w in enumerate(codes):
-        q_g, s_g = quantize_planes(grad_out * w_scale[:, b], planes)
-        parts.append(_sum_planes(int_mm(q_g, q_w), planes).mul_(s_g))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def int8_input_grad_reference(grad_out: Tensor, codes: list[Tensor], w_scale: Tensor, planes: int = 1) -> Tensor:
-    """Plain-torch `int8_input_grad`: the same roundings in float64."""
-    parts = []
-    for b, q_w in enumerate(codes):
-        g = _dequantize_planes(*quantize_planes(grad_out * w_scale[:, b], planes), planes)
-        parts.append(g @ q_w.double())
-    return torch.cat(parts, dim=1).to(torch.float32)
+def split_product_reference(codes: Tensor, scale: Tensor, w1: Tensor, w2: Tensor, col_scale: Optional[Tensor] = None,
+                            bias: Optional[Tensor] = None, alpha: float = 0.0) -> Tensor:
+    """Plain-torch `split_product`: the same codes and the same three terms in float64."""
+    m = codes.shape[0] // 2
+    q1, q2 = codes[:m].double(), codes[m:].double()
+    out = (q1 @ w1.double() + (q2 @ w1.double() + q1 @ w2.double()) / PLANE_RATIO) * scale.double()
+    if col_scale is not None:
+        out = out * col_scale.double()
+    if bias is not None:
+        out = out + bias.double()
+    return torch.nn.functional.celu(out, alpha).to(torch.float32) if alpha > 0 else out.to(torch.float32)
 
 
 def celu_slope(y: Tensor, alpha: float) -> Tensor:

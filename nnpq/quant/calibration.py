@@ -148,7 +148,7 @@ def split(configs: list[Configuration], fraction: float, rng: np.random.Generato
     return CalibrationSet(calibration, holdout)
 
 
-def _library_configs(entries, group: str, kinds: tuple[str, ...], settings: CalibrationSettings,
+def library_configs(entries, group: str, kinds: tuple[str, ...], settings: CalibrationSettings,
                      rng: np.random.Generator) -> list[Configuration]:
     """Frames of library entries (``kinds`` of each molecule, every frame of a liquid) plus displaced
     copies of each molecule's start; sources ``group:name/kind``."""
@@ -204,8 +204,8 @@ def build_calibration_set(potential: ANIPotential, settings: CalibrationSettings
             kept, held = list(entries), []
         if settings.library_limit is not None:
             kept, held = (_subset(part, settings.library_limit, rng) for part in (kept, held))
-        configs += _library_configs(kept, "library", settings.library_kinds, settings, rng)
-        chemistry = _library_configs(held, "heldout-chemistry", settings.library_kinds, settings, rng)
+        configs += library_configs(kept, "library", settings.library_kinds, settings, rng)
+        chemistry = library_configs(held, "heldout-chemistry", settings.library_kinds, settings, rng)
     result = split(configs + user, settings.holdout_fraction, rng)
     result.chemistry, result.heldout_groups = chemistry, groups
     return result

@@ -30,12 +30,14 @@ capacity is exceeded.
 
 import copy
 import math
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from nnpq.errors import NnpqError
+from nnpq.kernels.build import build_error, load_extension
 
 # A padding pair points from atom 0 to itself displaced this far (Å): finite, beyond every cutoff.
 _PAD_DISTANCE = 1.0e3
@@ -284,38 +286,14 @@ def compiled_kernels() -> tuple:
 # torch's extension directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)
 # ----------------------------------------------------------------------------------------
 
-_CPP_STATE: dict = {}
-
-
 def load_cpp_extension(build: bool = True) -> bool:
-    """Load the C++/OpenMP AEV ops (``torch.ops.nnpq_aev``), compiling them if ``build``; True on success.
-
-    The first build takes about 30 s of CPU (g++); later processes load the cached library.
-    Failures (no compiler) are remembered and reported by `cpp_extension_error`.
-    """
-    if "loaded" in _CPP_STATE:
-        return _CPP_STATE["loaded"]
-    if not build:
-        return False
-    from pathlib import Path
-
-    from torch.utils.cpp_extension import load_inline
-
-    source = (Path(__file__).with_name("aev_cpu.cpp")).read_text()
-    try:
-        load_inline("nnpq_aev", cpp_sources=[source], is_python_module=False, extra_cflags=["-O3", "-fopenmp", "-ffast-math"],
-                    extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
-        _CPP_STATE["loaded"] = False
-        _CPP_STATE["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        return False
-    _CPP_STATE["loaded"] = True
-    return True
+    """Load the C++/OpenMP AEV ops (``torch.ops.nnpq_aev``), compiling them if ``build``; True on success."""
+    return load_extension("nnpq_aev", Path(__file__).with_name("aev_cpu.cpp"), build)
 
 
 def cpp_extension_error() -> Optional[str]:
     """Why the C++ kernel could not be built, if it could not."""
-    return _CPP_STATE.get("error")
+    return build_error("nnpq_aev")
 
 
 # ----------------------------------------------------------------------------------------
