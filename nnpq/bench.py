@@ -9,7 +9,6 @@ call (CUDA: the allocator's peak; CPU: the profiler's memory events).
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -117,20 +116,6 @@ def _potential_call(potential, numbers, positions, cell, device: str) -> Callabl
     return call
 
 
-def _load_nnpq(model: str, neighborlist: str, mode: str, device: str):
-    from nnpq.models import load_potential
-
-    params = inspect.signature(load_potential).parameters
-    if "mode" not in params:
-        if mode != "exact":
-            raise NnpqError(f"this nnpq has no runtime mode '{mode}'")
-        return load_potential(model, neighborlist)
-    kwargs = {"mode": mode}
-    if "device" in params:
-        kwargs["device"] = device
-    return load_potential(model, neighborlist, **kwargs)
-
-
 def _md_step_timer(system_name: str, make_system: Callable, device: str, steps: int) -> Callable[[], None]:
     """One OpenMM step of a Verlet integrator on ``system_name``, through ``make_system(topology)``."""
     import openmm
@@ -181,21 +166,12 @@ def run_bench(model: str, device: str = "cpu", systems: tuple[str, ...] = DEFAUL
             ("torchani-fp32", None): (_torchani_call(stock, numbers, positions, cell, device), _resident_mb(stock)),
             ("torchani-fp32-infer", None): (_torchani_call(infer, numbers, positions, cell, device), _resident_mb(infer)),
         }
-        for mode in ("fp32",) + tuple(modes):
-            source = fp32_name if mode == "fp32" else model
-            if mode != "fp32" and not quantized:
-                continue
-            try:
-                potential = _load_nnpq(source, neighborlist, mode, device)
-            except NnpqError as exc:
-                if mode == "fp32":
-                    potential = load_potential(fp32_name, neighborlist)  # the TorchANI-based FP32 path
-                else:
-                    print(f"skipping nnpq {mode} on {name}: {exc}")
-                    continue
-            potential = potential.to(device)
-            runtimes[("nnpq", mode)] = (_potential_call(potential, numbers, positions, cell, device),
-                                        _resident_mb(potential))
+        # nnpq fp32: the fused runtime on the published weights (exact mode, labelled fp32)
+        loads = [("fp32", fp32_name, "exact")] + [(m, model, m) for m in modes if quantized]
+        for label, source, mode in loads:
+            potential = load_potential(source, neighborlist, mode=mode, device=device)
+            runtimes[("nnpq", label)] = (_potential_call(potential, numbers, positions, cell, device),
+                                         _resident_mb(potential))
         times: dict[tuple[str, str | None], list[float]] = {k: [] for k in runtimes}
         for call, _ in runtimes.values():  # warm-up: first calls compile, allocate, tune
             call()
@@ -227,12 +203,8 @@ def _md_rows(name: str, model: str, fp32_name: str, modes: tuple[str, ...], devi
     n_atoms = get_system(name).n_atoms
     timers: dict[tuple[str, str | None], Callable[[], None]] = {
         ("openmm-ml-" + fp32_name, None): _md_step_timer(name, MLPotential(fp32_name).createSystem, device, 1)}
-    kwargs_ok = "mode" in inspect.signature(create_system).parameters
     for mode in modes:
-        if mode != "exact" and not kwargs_ok:
-            continue
-        extra = {"mode": mode} if kwargs_ok else {}
-        timers[("nnpq", mode)] = _md_step_timer(name, lambda top, extra=extra: create_system(top, model, **extra),
+        timers[("nnpq", mode)] = _md_step_timer(name, lambda top, mode=mode: create_system(top, model, mode=mode),
                                                 device, 1)
     times: dict[tuple[str, str | None], list[float]] = {k: [] for k in timers}
     for _ in range(repeats):

@@ -71,17 +71,27 @@ def test_two_planes_carry_about_fifteen_bits():
     assert error < 3e-4 and error < half / 10, (error, half)
 
 
-@pytest.mark.parametrize("fmt", ["int8/channel", "int8/g32/asym", "int4/g32/asym", "int8/tensor"])
-def test_dequantize_codes_equals_reference(fmt):
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+@pytest.mark.parametrize("fmt", ["int8/channel", "int8/g32/asym", "int8/g8/asym", "int4/g32/asym", "int8/tensor"])
+def test_dequantize_codes_equals_reference(fmt, kernels, monkeypatch):
     from nnpq.quant.quantizers import quantize_nearest
 
+    if kernels == "cpp" and not cpu.cpp_kernels():
+        pytest.skip(f"the C++ kernels did not build here: {build_error('nnpq_int8')}")
+    if kernels == "torch":
+        monkeypatch.setattr(cpu, "cpp_kernels", lambda build=True: False)
     tf = TensorFormat.parse(fmt)
     weight = torch.randn(64, 1008, generator=torch.Generator().manual_seed(3))
     q = quantize_nearest(weight, tf)
     zero = None if tf.symmetric else q.zero
+    reference = dequantize_weight(q.qweight, q.scale, q.zero, q.group_size)
+    tolerance = {"rtol": 1e-6, "atol": 1e-6 * float(reference.abs().max())}  # float32 rounding; a step is ~1e-2
     fast = cpu.dequantize_codes(q.qweight, q.scale, zero, q.group_size)
-    torch.testing.assert_close(fast, dequantize_weight(q.qweight, q.scale, q.zero, q.group_size),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast, reference, **tolerance)
+    # two members' rows (32 each), each with its own equalization factors
+    col = torch.rand(2, 1008, generator=torch.Generator().manual_seed(4)) + 0.5
+    fast = cpu.dequantize_codes(q.qweight, q.scale, zero, q.group_size, col)
+    torch.testing.assert_close(fast, reference / col.repeat_interleave(32, dim=0), **tolerance)
 
 
 def test_equalized_members_dequantize_each_with_its_own_factors():

@@ -125,16 +125,31 @@ def celu_slope_reference(y: Tensor, alpha: float) -> Tensor:
     return torch.where(y > 0, torch.ones_like(y), y / alpha + 1.0)
 
 
-def dequantize_codes(qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int) -> Tensor:
-    """Float32 ``(q - zero) * scale`` ``(out, in)`` from int8 codes, scales ``(rows, groups)``, zero points.
-
-    The int8 codes are widened inside the multiplication (one pass, no float32 copy of the
-    codes); an asymmetric format subtracts ``zero * scale`` per group in place.
+def dequantize_codes(qweight: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int,
+                     col_scale: Optional[Tensor] = None) -> Tensor:
+    """Float32 ``(q - zero) * scale / col_scale`` ``(out, in)`` from int8 codes, scales and zero points
+    ``(out, groups)`` and, for equalized layers, ``col_scale`` ``(members, in)`` (rows split evenly
+    among members). One C++ pass where the kernels are built (CPU), else `dequantize_codes_torch`.
     Reference: `nnpq.kernels.int8.dequantize_weight`.
     """
+    if qweight.device.type == "cpu" and cpp_kernels(build=False):
+        empty = scale.new_zeros(0)
+        return torch.ops.nnpq_int8.dequantize(qweight, scale, empty if zero is None else zero,
+                                              empty if col_scale is None else col_scale, group_size)
+    return dequantize_codes_torch(qweight, scale, zero, group_size, col_scale)
+
+
+def dequantize_codes_torch(qweight: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int,
+                           col_scale: Optional[Tensor] = None) -> Tensor:
+    """Plain-torch `dequantize_codes` (fallback, and the TorchScript path): the int8 codes widen
+    inside the multiplication, so no float32 copy of the codes is made."""
     out_features, in_features = qweight.shape
     groups = in_features // group_size
     w = qweight.view(out_features, groups, group_size) * scale.unsqueeze(-1)
     if zero is not None:
         w.sub_((zero.to(torch.float32) * scale).unsqueeze(-1))
-    return w.view(out_features, in_features)
+    w = w.view(out_features, in_features)
+    if col_scale is not None:
+        members = col_scale.shape[0]
+        w.view(members, out_features // members, in_features).div_(col_scale.unsqueeze(1))
+    return w

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from nnpq.errors import NnpqError
-from nnpq.kernels.cpu import celu_slope, cpp_kernels, dequantize_codes, split_product, split_rows
+from nnpq.kernels.cpu import (celu_slope, cpp_kernels, dequantize_codes, dequantize_codes_torch, split_product,
+                              split_rows)
 from nnpq.spec.formats import TensorFormat
 from nnpq.spec.plan import QuantPlan
 
@@ -49,11 +50,10 @@ class IntWeight(torch.nn.Module):
         self.register_buffer("col_scale", col_scale if col_scale is not None else torch.ones(1, 1))
 
     def dequantize(self) -> Tensor:
-        w = dequantize_codes(self.qweight, self.scale, self.zero, self.group_size)
-        if self.equalized:
-            rows, cols = w.shape
-            w.view(self.members, rows // self.members, cols).div_(self.col_scale.unsqueeze(1))
-        return w
+        col_scale = self.col_scale if self.equalized else None
+        if torch.jit.is_scripting():  # TorchScript holds no Python dispatch: the plain-torch passes
+            return dequantize_codes_torch(self.qweight, self.scale, self.zero, self.group_size, col_scale)
+        return dequantize_codes(self.qweight, self.scale, self.zero, self.group_size, col_scale)
 
 
 class DenseWeight(torch.nn.Module):
@@ -91,6 +91,7 @@ class ElementNet(torch.nn.Module):
 
     def __init__(self, layers: list[StackedLayer], members: int) -> None:
         super().__init__()
+        cpp_kernels()  # builds the fused C++ passes once (~30 s), else the plain-torch passes run
         self.layers = torch.nn.ModuleList(layers)
         self.members = members
         self.alpha = CELU_ALPHA  # TorchScript reads no module-level floats
@@ -173,7 +174,6 @@ class FastElementNet(ElementNet):
 
     def __init__(self, layers: list[StackedLayer], members: int) -> None:
         super().__init__(layers, members)
-        cpp_kernels()  # builds the fused passes once (~30 s), else the plain-torch passes run
         codes, scale = split_rows(layers[0].weight())
         layers[0].blocks = torch.nn.ModuleList()  # only the INT8 planes (and the bias) are used from now on
         self.register_buffer("w_planes", codes)
