@@ -464,16 +464,43 @@ class FastAEV(torch.nn.Module):
         return self.compute(species, positions, vectors, rad_index, tri_a, tri_b, tri_index)
 
 
+VERLET_SKIN = 0.5  # Å beyond the radial cutoff kept in the C++ path's neighbour list
+
+
 class _CppFastAEV(FastAEV):
-    """`FastAEV` whose CPU path is the C++ kernel (``torch.ops.nnpq_aev``), also under TorchScript."""
+    """`FastAEV` whose CPU path is the C++ kernel (``torch.ops.nnpq_aev``), also under TorchScript.
+
+    In eager mode the neighbour list is a Verlet list: pairs within the radial cutoff plus
+    `VERLET_SKIN`, rebuilt only when an atom moved more than half the skin or the cell or atom
+    count changed (the kernels skip pairs beyond each cutoff, so the AEV is unchanged). Under
+    TorchScript the list is rebuilt every call.
+    """
 
     def _cpp_forward(self, species: Tensor, positions: Tensor, cell: Optional[Tensor]) -> Tensor:
-        offsets, nbr, shift = torch.ops.nnpq_aev.neighbors(positions, cell, self.radial_cutoff)
+        if torch.jit.is_scripting():
+            offsets, nbr, shift = torch.ops.nnpq_aev.neighbors(positions, cell, self.radial_cutoff)
+        else:
+            offsets, nbr, shift = self._verlet_neighbors(positions, cell)
         counts = offsets[1:] - offsets[:-1]
         centers = torch.repeat_interleave(torch.arange(species.shape[0], device=positions.device), counts)
         vectors = positions.index_select(0, nbr) - positions.index_select(0, centers) + shift
         return torch.ops.nnpq_aev.aev(vectors, offsets, nbr, species, self.params, self.triu_index,
                                       self.radial_cutoff, self.angular_cutoff)
+
+    @torch.jit.unused
+    def _verlet_neighbors(self, positions: Tensor, cell: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        pos = positions.detach()
+        kept = self.__dict__.get("_verlet")
+        if kept is not None:
+            ref_pos, ref_cell, lists = kept
+            same_cell = (cell is None and ref_cell is None) or (
+                cell is not None and ref_cell is not None and torch.equal(cell, ref_cell))
+            if same_cell and ref_pos.shape == pos.shape and ref_pos.dtype == pos.dtype and bool(
+                    ((pos - ref_pos) ** 2).sum(1).max() < (VERLET_SKIN / 2) ** 2):
+                return lists
+        lists = torch.ops.nnpq_aev.neighbors(pos, cell, self.radial_cutoff + VERLET_SKIN)
+        self.__dict__["_verlet"] = (pos.clone(), None if cell is None else cell.detach().clone(), lists)
+        return lists
 
 
 class PaddedAEV(torch.nn.Module):
