@@ -142,7 +142,6 @@ def run_bench(model: str, device: str = "cpu", systems: tuple[str, ...] = DEFAUL
               modes: tuple[str, ...] = ("exact", "fast"), repeats: int = 5, md_steps: bool = True,
               progress: bool = False) -> list[BenchRow]:
     """Time every runtime on every system, interleaved; see the module docstring."""
-    import torchani
     from tqdm import tqdm
 
     from nnpq.models import load_potential, model_spec

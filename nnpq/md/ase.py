@@ -11,8 +11,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from nnpq.errors import NnpqError
-from nnpq.md.model import resolve_potential
-from nnpq.models import ANIPotential, Potential, energy_and_forces
+from nnpq.models import ANIPotential, Potential, energy_and_forces, load_potential
 from nnpq.models.domain import check_domain
 from nnpq.units import HARTREE_TO_EV_
 
@@ -52,7 +51,7 @@ class NnpqCalculator(Calculator):
         self._stress_kind = stress_kind
         self._potential: Potential | None = model if isinstance(model, Potential) else None
         if self._potential is None and neighborlist is not None:
-            self._potential = resolve_potential(model, neighborlist, mode)
+            self._potential = load_potential(model, neighborlist, mode=mode)
 
     @property
     def potential(self) -> Potential | None:
@@ -61,7 +60,7 @@ class NnpqCalculator(Calculator):
 
     def _resolve(self, periodic: bool) -> Potential:
         if self._potential is None:
-            self._potential = resolve_potential(self._model, "cell_list" if periodic else "all_pairs", self._mode)
+            self._potential = load_potential(self._model, "cell_list" if periodic else "all_pairs", mode=self._mode)
         return self._potential
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:

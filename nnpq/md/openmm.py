@@ -21,8 +21,7 @@ from openmm import unit
 from torch import Tensor
 
 from nnpq.errors import NnpqError
-from nnpq.md.model import resolve_potential
-from nnpq.models import ANIPotential
+from nnpq.models import ANIPotential, load_potential
 from nnpq.units import HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
 
 BACKENDS = ("auto", "torchforce", "pythonforce")
@@ -180,7 +179,7 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
         raise NnpqError(f"unknown OpenMM backend '{backend}'; use one of {', '.join(BACKENDS)}")
     if periodic is None:
         periodic = topology.getPeriodicBoxVectors() is not None
-    potential = resolve_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode)
+    potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode=mode)
     numbers = topology_numbers(topology)
     selected = list(range(len(numbers))) if atoms is None else [int(i) for i in atoms]
     chosen = [numbers[i] for i in selected]

@@ -28,11 +28,10 @@ from tqdm import tqdm
 
 from nnpq.atomic_io import write_bytes_atomic, write_text_atomic
 from nnpq.errors import NnpqError
-from nnpq.md.model import resolve_potential
 from nnpq.md.openmm import check_elements, create_system, system_backend
 from nnpq.md.outputs import (CSV_HEADER, CSV_NAME, FrameReporter, TrajectoryFile, csv_row, cut_outputs,
                               read_csv)
-from nnpq.models import ANIPotential
+from nnpq.models import ANIPotential, load_potential
 
 ENSEMBLES = ("nve", "nvt", "npt")
 ENGINES = ("openmm", "ase")
@@ -440,7 +439,7 @@ def run_simulation(model: str | os.PathLike, inp: SimulationInput, settings: Sim
     """Run (or resume) a simulation into ``out``; returns the summary (see `format_summary`)."""
     out = Path(out)
     periodic = inp.box is not None
-    potential = resolve_potential(model, "cell_list" if periodic else "all_pairs", settings.mode)
+    potential = load_potential(model, "cell_list" if periodic else "all_pairs", mode=settings.mode)
     check_input(inp, potential, settings)
     key = {"model": model_identity(model), "system": inp.key(), "settings": settings.key()}
     if resume:

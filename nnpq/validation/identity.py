@@ -7,7 +7,6 @@ same file name never resumes or reuses the old model's trajectories.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +42,10 @@ class ModelRef:
 
 
 def runtime_modes() -> tuple[str, ...]:
-    """Modes `load_potential` offers: ``exact`` only, unless it takes a ``mode=`` keyword."""
-    from nnpq.models import load_potential
+    """The runtime modes a quantized model can be validated in."""
+    from nnpq.runtime.potential import MODES
 
-    return ("exact", "fast") if "mode" in inspect.signature(load_potential).parameters else ("exact",)
+    return MODES
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +106,7 @@ def resolve_models(models: list[str], modes: tuple[str, ...] = ("exact",)) -> li
 
 @functools.lru_cache(maxsize=8)
 def load(ref: ModelRef, neighborlist: str):
-    """The `ANIPotential` of ``ref`` (cached per process: Dask workers load each model once).
+    """The potential of ``ref`` (cached per process: Dask workers load each model once).
 
     Raises:
         NnpqError: the file no longer holds the tensors ``ref`` was resolved with.
@@ -117,5 +116,6 @@ def load(ref: ModelRef, neighborlist: str):
 
     if not ref.is_reference and read_artifact(ref.source).manifest["tensors_sha256"] != ref.sha256:
         raise NnpqError(f"{ref.source} changed while it was being validated; rerun the validation")
-    use_mode = not ref.is_reference and "mode" in inspect.signature(load_potential).parameters
-    return load_potential(ref.source, neighborlist, **({"mode": ref.mode} if use_mode else {}))
+    # the FP32 reference runs on the same fused runtime (its exact mode on the published weights), so
+    # a quantized model's distances come from its weights and mode, not from another code path
+    return load_potential(ref.source, neighborlist, mode="exact" if ref.is_reference else ref.mode)
