@@ -73,25 +73,29 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(torch.cat([a, a.new_zeros(17 - m, a.shape[1])]), b)[:m]
 
 
-def split_product(codes: Tensor, scale: Tensor, w1: Tensor, w2: Tensor, col_scale: Optional[Tensor] = None,
+def split_product(codes: Tensor, scale: Tensor, w1: Tensor, w2: Optional[Tensor], col_scale: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, alpha: float = 0.0) -> Tensor:
-    """``x @ (w1 + w2 / 254)`` for ``x`` given by `split_rows` and INT8 ``w1, w2`` ``(K, N)`` (views allowed),
-    times ``col_scale`` ``(N,)``, plus ``bias`` ``(N,)``, through CELU(``alpha``) if ``alpha > 0``.
+    """``x @ (w1 + w2 / 254)`` for ``x`` given by `split_rows` and INT8 ``w1, w2`` ``(K, N)`` (views allowed;
+    ``w2`` None for a one-plane weight), times ``col_scale`` ``(N,)``, plus ``bias`` ``(N,)``, through
+    CELU(``alpha``) if ``alpha > 0``.
 
-    Three INT8 products, each exact in int32: both activation planes times ``w1`` (one product of
-    ``2M`` rows) and the first plane times ``w2``; the plane-2 x plane-2 term (``254**-2``) is
-    dropped. The scales, bias and CELU are applied in one C++ pass where the kernels are built.
-    Result ``(M, N)`` float32.
+    INT8 products, each exact in int32: both activation planes times ``w1`` (one product of ``2M``
+    rows) and, for a two-plane weight, the first plane times ``w2``; the plane-2 x plane-2 term
+    (``254**-2``) is dropped. The scales, bias and CELU are applied in one C++ pass where the
+    kernels are built. Result ``(M, N)`` float32.
     """
     m = codes.shape[0] // 2
     coarse = int_mm(codes, w1)
-    fine = int_mm(codes[:m], w2)
+    fine = int_mm(codes[:m], w2) if w2 is not None else None
     if coarse.device.type == "cpu" and cpp_kernels(build=False):
         empty = scale.new_zeros(0)
-        return torch.ops.nnpq_int8.combine(coarse, fine, scale, empty if col_scale is None else col_scale,
-                                           empty if bias is None else bias, alpha)
-    out = coarse[:m].to(torch.float32).add_(coarse[m:].to(torch.float32).add_(fine.to(torch.float32)),
-                                            alpha=1.0 / PLANE_RATIO).mul_(scale)
+        return torch.ops.nnpq_int8.combine(coarse, coarse.new_zeros(0) if fine is None else fine, scale,
+                                           empty if col_scale is None else col_scale, empty if bias is None else bias,
+                                           alpha)
+    second = coarse[m:].to(torch.float32)
+    if fine is not None:
+        second.add_(fine.to(torch.float32))
+    out = coarse[:m].to(torch.float32).add_(second, alpha=1.0 / PLANE_RATIO).mul_(scale)
     if col_scale is not None:
         out.mul_(col_scale)
     if bias is not None:
@@ -99,12 +103,14 @@ def split_product(codes: Tensor, scale: Tensor, w1: Tensor, w2: Tensor, col_scal
     return torch.nn.functional.celu(out, alpha) if alpha > 0 else out
 
 
-def split_product_reference(codes: Tensor, scale: Tensor, w1: Tensor, w2: Tensor, col_scale: Optional[Tensor] = None,
-                            bias: Optional[Tensor] = None, alpha: float = 0.0) -> Tensor:
-    """Plain-torch `split_product`: the same codes and the same three terms in float64."""
+def split_product_reference(codes: Tensor, scale: Tensor, w1: Tensor, w2: Optional[Tensor],
+                            col_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                            alpha: float = 0.0) -> Tensor:
+    """Plain-torch `split_product`: the same codes and the same terms in float64."""
     m = codes.shape[0] // 2
     q1, q2 = codes[:m].double(), codes[m:].double()
-    out = (q1 @ w1.double() + (q2 @ w1.double() + q1 @ w2.double()) / PLANE_RATIO) * scale.double()
+    fine = q2 @ w1.double() + (q1 @ w2.double() if w2 is not None else 0.0)
+    out = (q1 @ w1.double() + fine / PLANE_RATIO) * scale.double()
     if col_scale is not None:
         out = out * col_scale.double()
     if bias is not None:

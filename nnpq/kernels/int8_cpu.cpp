@@ -59,7 +59,11 @@ void combine_row(const int32_t* __restrict c1, const int32_t* __restrict c2, con
                  float* __restrict out, const int64_t n) {
   const float inv_ratio = 1.0f / kPlaneRatio;
   // branch-free loops, one per option, so each vectorizes
-  for (int64_t j = 0; j < n; ++j) out[j] = (static_cast<float>(c1[j]) + static_cast<float>(c2[j] + f[j]) * inv_ratio) * r;
+  if (f) {
+    for (int64_t j = 0; j < n; ++j) out[j] = (static_cast<float>(c1[j]) + static_cast<float>(c2[j] + f[j]) * inv_ratio) * r;
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = (static_cast<float>(c1[j]) + static_cast<float>(c2[j]) * inv_ratio) * r;
+  }
   if (cs) for (int64_t j = 0; j < n; ++j) out[j] *= cs[j];
   if (bias) for (int64_t j = 0; j < n; ++j) out[j] += bias[j];
   if (alpha > 0.0f) {
@@ -81,7 +85,8 @@ void dequantize_row(const int8_t* __restrict q, const float* __restrict scale, c
 }
 
 // (coarse[:M] + (coarse[M:] + fine) / 254) * row_scale[m] * col_scale[n] + bias[n], then CELU(alpha)
-// when alpha > 0: coarse (2M, N) and fine (M, N) int32; col_scale and bias (N,) float32 or empty.
+// when alpha > 0: coarse (2M, N) and fine (M, N) int32 (fine empty: a one-plane weight, no term);
+// col_scale and bias (N,) float32 or empty.
 Tensor combine(const Tensor& coarse_in, const Tensor& fine_in, const Tensor& row_scale_in,
                const Tensor& col_scale_in, const Tensor& bias_in, double alpha) {
   TORCH_CHECK(coarse_in.scalar_type() == at::kInt && fine_in.scalar_type() == at::kInt, "combine: int32 products");
@@ -90,12 +95,13 @@ Tensor combine(const Tensor& coarse_in, const Tensor& fine_in, const Tensor& row
   auto row_scale = row_scale_in.contiguous();
   auto col_scale = col_scale_in.contiguous();
   auto bias = bias_in.contiguous();
-  const int64_t m = fine.size(0), n = fine.size(1);
-  TORCH_CHECK(coarse.size(0) == 2 * m && coarse.size(1) == n, "combine: coarse must be (2M, N)");
+  const int64_t m = coarse.size(0) / 2, n = coarse.size(1);
+  const bool has_fine = fine.numel() > 0;
+  TORCH_CHECK(!has_fine || (fine.size(0) == m && fine.size(1) == n), "combine: fine must be (M, N)");
   const bool has_col = col_scale.numel() == n, has_bias = bias.numel() == n;
   auto out = at::empty({m, n}, row_scale.options());
   const int32_t* cp = coarse.data_ptr<int32_t>();
-  const int32_t* fp = fine.data_ptr<int32_t>();
+  const int32_t* fp = has_fine ? fine.data_ptr<int32_t>() : nullptr;
   const float* rs = row_scale.data_ptr<float>();
   const float* cs = has_col ? col_scale.data_ptr<float>() : nullptr;
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
@@ -103,7 +109,7 @@ Tensor combine(const Tensor& coarse_in, const Tensor& fine_in, const Tensor& row
   const float a = static_cast<float>(alpha);
   at::parallel_for(0, m, 8, [=](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      combine_row(cp + i * n, cp + (m + i) * n, fp + i * n, rs[i], cs, bp, a, op + i * n, n);
+      combine_row(cp + i * n, cp + (m + i) * n, fp ? fp + i * n : nullptr, rs[i], cs, bp, a, op + i * n, n);
     }
   });
   return out;

@@ -158,26 +158,64 @@ class ElementNet(torch.nn.Module):
         return energies, self.first_backward(dz0, w0)
 
 
-class FastElementNet(ElementNet):
-    """`ElementNet` whose layer 0 runs on ``torch._int_mm``, forward and input gradient, and whose
-    later layers' backward runs in bfloat16.
+class SplitInt8Linear(torch.nn.Module):
+    """A stacked layer 0 on ``torch._int_mm``: ``celu(x @ W.T + b)`` and the input gradient ``dz @ W``.
 
-    Layer 0's float32 weight (the plan's stored weight, dequantized once at load) and each call's
-    activations are split into two INT8 planes per row (`nnpq.kernels.cpu.split_rows`, ~15 bits),
-    so the INT8 products add ~1e-4 relative error to the plan's own. The output gradient of
-    layer 0 is folded with the weight's row scales and split the same way for the backward
-    product. Later layers run backward with bfloat16 weights and gradients, and forward in float32
-    except layer 1 (bfloat16 inputs and weights): bfloat16 elsewhere in the forward pass tripled
-    the energy error (0.008 kcal/mol/atom on held-out chemistry, against 0.0027 in float32 and
-    0.0033 with layer 1 in bfloat16).
+    Activations (and output gradients) are split into two INT8 planes per row
+    (`nnpq.kernels.cpu.split_rows`, ~15 bits). The weight is used exactly as the plan stored it:
+    symmetric INT8 codes with one scale per row (per-channel or per-tensor formats, no
+    equalization) are one plane, two INT8 products per pass; any other format is dequantized
+    once at load and split into two planes too (~15 bits), three products per pass.
+    """
+
+    alpha: float
+
+    def __init__(self, layer: StackedLayer, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.register_buffer("bias", layer.bias)
+        block = layer.blocks[0]
+        if (len(layer.blocks) == 1 and isinstance(block, IntWeight) and block.zero is None and not block.equalized
+                and block.group_size == block.qweight.shape[1]):
+            self.register_buffer("w1", block.qweight)
+            self.register_buffer("w2", None)
+            self.register_buffer("w_scale", block.scale.flatten().to(torch.float32))
+        else:
+            codes, scale = split_rows(layer.weight())
+            rows = scale.shape[0]
+            self.register_buffer("w1", codes[:rows])
+            self.register_buffer("w2", codes[rows:])
+            self.register_buffer("w_scale", scale.flatten())
+
+    @property
+    def products(self) -> int:
+        """INT8 products per pass (forward or backward)."""
+        return 2 if self.w2 is None else 3
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes, scale = split_rows(x)
+        return split_product(codes, scale, self.w1.t(), None if self.w2 is None else self.w2.t(), self.w_scale,
+                             self.bias, self.alpha)
+
+    def input_grad(self, dz: Tensor) -> Tensor:
+        codes, scale = split_rows(dz, self.w_scale)  # the weight's row scales lie on the reduction axis
+        return split_product(codes, scale, self.w1, self.w2)
+
+
+class FastElementNet(ElementNet):
+    """`ElementNet` whose layer 0 runs on ``torch._int_mm`` (`SplitInt8Linear`), forward and input
+    gradient, and whose later layers' backward runs in bfloat16.
+
+    Layer 0 adds ~1e-4 relative error to the plan's own. Later layers run backward with bfloat16
+    weights and gradients, and forward in float32 except layer 1 (bfloat16 inputs and weights):
+    bfloat16 elsewhere in the forward pass tripled the energy error (0.008 kcal/mol/atom on
+    held-out chemistry, against 0.0027 in float32 and 0.0033 with layer 1 in bfloat16).
     """
 
     def __init__(self, layers: list[StackedLayer], members: int) -> None:
         super().__init__(layers, members)
-        codes, scale = split_rows(layers[0].weight())
+        self.first = SplitInt8Linear(layers[0], self.alpha)
         layers[0].blocks = torch.nn.ModuleList()  # only the INT8 planes (and the bias) are used from now on
-        self.register_buffer("w_planes", codes)
-        self.register_buffer("w_scale", scale.flatten())
         self.n_later = len(layers) - 1
         for i, w in enumerate(super().later_weights()):  # small: kept dequantized rather than rebuilt per call
             self.register_buffer(f"later_{i}", w)
@@ -185,7 +223,7 @@ class FastElementNet(ElementNet):
 
     @torch.jit.unused
     def first_weight(self) -> Tensor:
-        return self.w_scale  # the INT8 products below take no float32 weight: none is built
+        return self.first.w_scale  # the INT8 products take no float32 weight: none is built
 
     @torch.jit.unused
     def later_weights(self) -> list[Tensor]:
@@ -203,16 +241,11 @@ class FastElementNet(ElementNet):
 
     @torch.jit.unused
     def first_forward(self, x: Tensor, w0: Tensor) -> Tensor:
-        n = self.w_scale.shape[0]
-        codes, scale = split_rows(x)
-        return split_product(codes, scale, self.w_planes[:n].t(), self.w_planes[n:].t(), self.w_scale,
-                             self.layers[0].bias, self.alpha)
+        return self.first(x)
 
     @torch.jit.unused
     def first_backward(self, dz: Tensor, w0: Tensor) -> Tensor:
-        n = self.w_scale.shape[0]
-        codes, scale = split_rows(dz, self.w_scale)
-        return split_product(codes, scale, self.w_planes[:n], self.w_planes[n:])
+        return self.first.input_grad(dz)
 
 
 class FusedNetworks(torch.nn.Module):
