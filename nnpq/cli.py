@@ -65,6 +65,10 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     for name, value in (("--max-force-rmse", args.max_force_rmse), ("--max-energy-rmse", args.max_energy_rmse)):
         if value is not None and not value > 0:
             raise NnpqError(f"{name} must be a positive number (kcal/mol/Å or kcal/mol per atom), got {value}")
+    if args.objective == "latency" and (args.max_size is not None or
+                                        (args.max_force_rmse is None and args.max_energy_rmse is None)):
+        raise NnpqError("--objective latency minimizes time under an error budget: give --max-force-rmse and/or "
+                        "--max-energy-rmse, and no --max-size")
     from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 
     candidates = DEFAULT_CANDIDATES if not args.candidates else tuple(
@@ -74,7 +78,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
         max_bytes=None if args.max_size is None else _parse_size(args.max_size),
         calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines,
-        refit=RefitSettings(steps=args.refit_steps))
+        refit=RefitSettings(steps=args.refit_steps), objective=args.objective, latency_mode=args.latency_mode)
     output = args.output or f"{model_spec(args.model).name}-w8.nnpq"
     result = quantize_to_file(args.model, output, options, progress=not args.quiet)
     print(format_result(result))
@@ -252,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", help="size budget, e.g. 8MB: the plan that fits with the smallest worst-system force error")
     p.add_argument("--candidates", help="comma-separated formats a budgeted plan may use per element and layer, "
                    "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
+    p.add_argument("--objective", choices=["size", "latency"], default="size",
+                   help="what a plan under an error budget minimizes: file size (default), or the time per call "
+                   "of the runtime, timed on this machine per element, layer and format")
+    p.add_argument("--latency-mode", choices=["exact", "fast"], default="exact",
+                   help="runtime mode --objective latency times (default exact)")
     p.add_argument("--report-dir", help="folder for sensitivity and frontier files (default OUTPUT-report)")
     p.add_argument("--no-baselines", action="store_true", help="skip the baseline plans in the held-out table")
     p.add_argument("--refit-steps", type=int, default=30, metavar="N",

@@ -61,6 +61,10 @@ class QuantizeOptions:
         max_energy_rmse: per-atom energy RMSE budget, kcal/mol, likewise on every system.
         max_bytes: size budget of the model file, bytes; the worst system's force error is minimized.
         candidates: formats the allocation may choose per (element, layer), FP32 always included.
+        objective: what a plan under error budgets minimizes: ``size`` (bytes) or ``latency``
+            (time per call of the runtime in ``latency_mode``, timed on this machine per unit and
+            format by `nnpq.quant.latency`).
+        latency_mode: runtime mode the latency objective times, ``exact`` or ``fast``.
         calibration: how calibration configurations are made (seeded).
         baselines: also measure the baseline plans on the held-out set.
         report_dir: where sensitivity and frontier files go (default: beside the output).
@@ -74,6 +78,8 @@ class QuantizeOptions:
     max_energy_rmse: float | None = None
     max_bytes: float | None = None
     candidates: tuple[TensorFormat, ...] = DEFAULT_CANDIDATES
+    objective: str = "size"
+    latency_mode: str = "exact"
     calibration: CalibrationSettings = CalibrationSettings()
     baselines: bool = True
     report_dir: str | None = None
@@ -181,10 +187,17 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     targets = {"force": options.max_force_rmse, "energy": options.max_energy_rmse}  # RMSE on every source
     budgets = {k: None if v is None else dict.fromkeys(evaluator.sources, v ** 2) for k, v in targets.items()}
     history = []
+    allowed = ["fp32"] + [f.label() for f in options.candidates]  # FP32 is always a choice
+    cost = None
+    if options.objective == "latency":
+        from nnpq.quant.latency import latency_table
+
+        labels = {label: fmt for label, fmt in table.formats.items() if label in allowed}
+        cost = latency_table(fp32.state_dict(), model_spec(name).symbols, table.units(), labels,
+                             table.equalized_layers, options.latency_mode, progress=progress)
     allocation: Allocation | None = None
     for _ in range(CORRECTION_ROUNDS):
-        allocation = allocate(table, budgets["force"], budgets["energy"], options.max_bytes,
-                              allowed=[f.label() for f in options.candidates])
+        allocation = allocate(table, budgets["force"], budgets["energy"], options.max_bytes, allowed=allowed, cost=cost)
         measured = evaluator.errors(assemble_weights(table, allocation))
         history.append({"predicted_worst_force_rmse": allocation.predicted_worst_force_rmse,
                         "measured_worst_force_rmse": measured["worst_force_rmse"],
@@ -220,10 +233,15 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
         frontier_plot(points, out_dir / "frontier.png", chosen, f"{name}: size vs force error (calibration set)"),
     ]
     budget = {"max_force_rmse": options.max_force_rmse, "max_energy_rmse": options.max_energy_rmse,
-              "max_bytes": options.max_bytes, "corrections": history, "solver": allocation.solver,
+              "max_bytes": options.max_bytes, "objective": options.objective, "corrections": history,
+              "solver": allocation.solver,
               "proxy_spearman": table.proxy_rank_correlation(),
               "frontier_beats_every_uniform_plan": dominates_uniform(points),
               "choice": {f"{e}/{layer}": label for (e, layer), label in sorted(allocation.choice.items())}}
+    if cost is not None:
+        budget["latency"] = {"mode": options.latency_mode, "atoms_per_element": 200,
+                             "predicted_ms": sum(cost[u][label] for u, label in allocation.choice.items()),
+                             "table_ms": {f"{e}/{layer}": row for (e, layer), row in sorted(cost.items())}}
     description = "mixed per (element, layer) under " + ", ".join(
         f"{k}={v}" for k, v in (("force RMSE", options.max_force_rmse), ("energy RMSE", options.max_energy_rmse),
                                 ("size", options.max_bytes and f"{options.max_bytes / 1e6:.1f} MB")) if v)
@@ -356,6 +374,11 @@ def format_result(result: QuantizeResult) -> str:
         lines.append(f"\nbudget: predicted vs measured per correction round: {result.budget['corrections']}")
         lines.append(f"proxy (force-tangent weight error) vs measured sensitivity, Spearman rank correlation: "
                      f"{result.budget['proxy_spearman']:.3f}")
+        if "latency" in result.budget:
+            lat = result.budget["latency"]
+            lines.append(f"latency objective ({lat['mode']} mode, timed here at {lat['atoms_per_element']} atoms per "
+                         f"element): predicted {lat['predicted_ms']:.2f} ms per call in the hidden layers' "
+                         "format-dependent work; choice: " + ", ".join(f"{u} {c}" for u, c in result.budget["choice"].items()))
     if result.files:
         lines.append("files: " + ", ".join(str(f) for f in result.files))
     return "\n".join(lines)

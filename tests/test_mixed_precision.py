@@ -63,6 +63,41 @@ def test_allocation_meets_budgets_and_milp_is_optimal(solver):
             assert a.bytes == pytest.approx(_brute_force(table, max_mse=mse))
 
 
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_latency_objective_minimizes_time_under_the_error_budget(solver):
+    """With a cost per unit and format (ms), an error-budget plan minimizes the summed cost, not bytes:
+    here fp32 is the fastest format, int8/channel the slowest, so the plan differs from the smallest."""
+    table = _synthetic_table()
+    ms = {"fp32": 1.0, "int8/channel": 3.0, "int4/g32/asym": 2.0, "int3/g32/asym": 2.5}
+    cost = {u: dict(ms) for u in table.units()}
+    for mse in (0.05, 0.2, 1.0):
+        a = allocate(table, max_force_mse=mse, solver=solver, cost=cost)
+        assert a.predicted_force_mse <= mse
+        best = min(sum(ms[c] for c in combo) for combo in itertools.product(table.formats, repeat=3)
+                   if sum(table.entry(u, c).force_mse for u, c in zip(table.units(), combo)) <= mse)
+        spent = sum(ms[c] for c in a.choice.values())
+        assert spent == pytest.approx(best)
+    assert set(allocate(table, max_force_mse=0.05, cost=cost).choice.values()) == {"fp32"}  # fastest, no error
+    assert set(allocate(table, max_force_mse=0.05).choice.values()) != {"fp32"}  # smallest is not
+    with pytest.raises(NnpqError, match="error budget"):
+        allocate(table, max_bytes=1400.0, cost=cost)
+
+
+def test_latency_table_times_each_unit_and_format_in_the_runtime(fp32_model):
+    from nnpq.models import model_spec
+    from nnpq.quant.latency import latency_table
+
+    formats = {f: TensorFormat.parse(f) for f in ("fp32", "fp16", "int8/g32/asym", "int8/channel")}
+    units = [("H", 0), ("H", 1)]
+    for mode in ("exact", "fast"):
+        table = latency_table(fp32_model.state_dict(), model_spec("ani2x").symbols, units, formats, (0,), mode,
+                              atoms=32, repeats=3)
+        assert set(table) == set(units) and all(set(row) == set(formats) for row in table.values())
+        assert all(0 < v < 1e3 for v in table[("H", 0)].values())
+        # the fast mode keeps later layers resident in bfloat16/float32: no format-dependent work
+        assert all((v == 0) == (mode == "fast") for v in table[("H", 1)].values())
+
+
 def test_infeasible_budgets_name_the_closest_plan():
     table = _synthetic_table()
     with pytest.raises(NnpqError, match="smallest possible is 0.00 MB"):

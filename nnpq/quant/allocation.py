@@ -57,6 +57,7 @@ class _Problem:
     labels: list[str]
     sources: list[str]
     size: np.ndarray
+    cost: np.ndarray  # what an error-budget plan minimizes: ``size`` by default, or time per call
     force: np.ndarray
     energy: np.ndarray
     mean_force: np.ndarray
@@ -70,7 +71,8 @@ class _Problem:
         return np.full(len(self.sources), float(budget))
 
 
-def _problem(table: SensitivityTable, allowed: list[str] | None = None) -> _Problem:
+def _problem(table: SensitivityTable, allowed: list[str] | None = None,
+             cost: dict[Unit, dict[str, float]] | None = None) -> _Problem:
     units = table.units()
     labels = [label for label in table.formats if allowed is None or label in allowed]
     entries = [[table.entry(u, c) for c in labels] for u in units]
@@ -82,7 +84,10 @@ def _problem(table: SensitivityTable, allowed: list[str] | None = None) -> _Prob
         sources = ["all"]
         force = np.array([[[e.force_mse for e in row] for row in entries]])
         energy = np.array([[[e.energy_mse_per_atom for e in row] for row in entries]])
-    return _Problem(units, labels, sources, np.array([[e.bytes for e in row] for row in entries]), force, energy,
+    size = np.array([[e.bytes for e in row] for row in entries])
+    # time first, bytes to break ties between formats of equal time
+    cost_matrix = size if cost is None else np.array([[cost[u][c] for c in labels] for u in units]) + 1e-12 * size
+    return _Problem(units, labels, sources, size, cost_matrix, force, energy,
                     np.array([[e.force_mse for e in row] for row in entries]),
                     np.array([[e.energy_mse_per_atom for e in row] for row in entries]))
 
@@ -95,17 +100,22 @@ def _result(table: SensitivityTable, p: _Problem, pick: np.ndarray, solver: str)
 
 
 def allocate(table: SensitivityTable, max_force_mse: Budget = None, max_energy_mse: Budget = None,
-             max_bytes: float | None = None, solver: str = "milp", allowed: list[str] | None = None) -> Allocation:
+             max_bytes: float | None = None, solver: str = "milp", allowed: list[str] | None = None,
+             cost: dict[Unit, dict[str, float]] | None = None) -> Allocation:
     """Smallest plan whose predicted errors are within budget on every source, or (with
     ``max_bytes``) the plan within that size whose worst source has the smallest force error.
 
     Budgets are MSEs (kcal/mol/Å squared, kcal/mol/atom squared), one for all sources or a
-    dict per source. ``allowed`` restricts the format labels a unit may take.
+    dict per source. ``allowed`` restricts the format labels a unit may take. ``cost`` (per
+    unit and label, e.g. milliseconds per call from `nnpq.quant.latency`) replaces the size as
+    what an error-budget plan minimizes.
 
     Raises:
         NnpqError: no plan meets the budgets; the message names the closest one.
     """
-    p = _problem(table, allowed)
+    if cost is not None and max_bytes is not None:
+        raise NnpqError("a latency objective takes error budgets (--max-force-rmse, --max-energy-rmse), not --max-size")
+    p = _problem(table, allowed, cost)
     max_force, max_energy = p.budgets(max_force_mse), p.budgets(max_energy_mse)
     if max_bytes is not None:
         cheapest = table.fixed_bytes + p.size.min(axis=1).sum()
@@ -134,7 +144,7 @@ def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray | 
         constraints.append(LinearConstraint(np.hstack([force, -np.ones((n_sources, 1))]), -np.inf, 0))
         objective = np.append(MEAN_WEIGHT * force.mean(axis=0) + 1e-12 * p.size.reshape(-1), 1.0)
     else:
-        objective = np.append(p.size.reshape(-1), 0.0)
+        objective = np.append(p.cost.reshape(-1), 0.0)
     for matrix, budget in ((force, max_force), (p.energy.reshape(n_sources, -1), max_energy)):
         if budget is not None:
             constraints.append(LinearConstraint(np.hstack([matrix, np.zeros((n_sources, 1))]), -np.inf, budget))
@@ -147,7 +157,7 @@ def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray | 
 
 
 def _greedy(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray:
-    """Start from the most accurate choice per unit and take the cheapest error per byte saved."""
+    """Start from the most accurate choice per unit and take the cheapest error per byte (or cost) saved."""
     rows = np.arange(p.size.shape[0])
 
     def by_source(matrix, pick):
@@ -172,7 +182,8 @@ def _greedy(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray:
         best, best_ratio = None, np.inf
         for u in rows:
             for c in range(p.size.shape[1]):
-                saved = p.size[u, pick[u]] - p.size[u, c]
+                saved = (p.size if max_bytes is not None else p.cost)[u, pick[u]] - (
+                    p.size if max_bytes is not None else p.cost)[u, c]
                 if saved <= 0:
                     continue
                 trial = pick.copy()
