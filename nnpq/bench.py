@@ -75,10 +75,11 @@ def _peak_transient_mb(call: Callable[[], None], device: str) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    # self memory: an op's nested calls (to -> _to_copy -> empty_strided) would count one allocation thrice
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     level = peak = 0
     for e in events:
-        level += e.cpu_memory_usage
+        level += e.self_cpu_memory_usage
         peak = max(peak, level)
     return peak / 1e6
 
