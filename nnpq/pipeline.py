@@ -23,7 +23,7 @@ import torchani
 from nnpq.artifact import save_artifact
 from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
-from nnpq.models import ANIPotential, load_fp32, model_spec
+from nnpq.models import ANIPotential, Potential, load_fp32, model_spec
 from nnpq.models.domain import Domain, aev_maxima
 from nnpq.models.fp32 import file_sha256, n_layers, weights_path
 from nnpq.quant.allocation import Allocation, allocate, assemble_weights
@@ -33,6 +33,7 @@ from nnpq.spec.formats import INT8_CHANNEL, INT8_G8_ASYM, INT8_G32_ASYM, NO_ACTI
 from nnpq.spec.plan import QuantPlan, require_known_elements, uniform_plan
 from nnpq.quant.refit import RefitSettings, refit
 from nnpq.quant.sensitivity import DEFAULT_CANDIDATES, unit_bytes
+from nnpq.runtime.potential import runtime_from_tensors
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
 # (name, weight format, activation format, rounding): what a user would otherwise reach for
@@ -163,9 +164,10 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
 
 def _heldout_row(model, plan: QuantPlan, fp32, calib: CalibrationSet, reference: dict[str, Outputs], label: str,
                  model_name: str) -> dict:
-    """Held-out errors of a quantized ``model`` against the FP32 ``reference`` outputs, in distribution
-    (held-out frames of calibrated systems) and on held-out chemistry (``chemistry``), with the plan's size."""
-    potential = ANIPotential(model, label, model_name)
+    """Held-out errors of a quantized ``model`` (TorchANI layers, or a loaded potential such as the
+    fused runtime in fast mode) against the FP32 ``reference`` outputs, in distribution (held-out
+    frames of calibrated systems) and on held-out chemistry (``chemistry``), with the plan's size."""
+    potential = model if isinstance(model, Potential) else ANIPotential(model, label, model_name)
     errors = set_errors(reference["holdout"], outputs_on(potential, calib.holdout), calib.holdout)
     if calib.chemistry:
         errors["chemistry"] = set_errors(reference["chemistry"], outputs_on(potential, calib.chemistry), calib.chemistry)
@@ -294,7 +296,11 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
         heldout["before refit"] = _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name)
         refit_loss = refit(quantized, spec.name, calib.calibration, outputs_on(reference_potential, calib.calibration),
                            options.refit, progress, seed)
-    heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name), **heldout}
+    # the fast runtime mode (INT8 layer 0, bfloat16 later layers) of the same weights, as it will run
+    fast = runtime_from_tensors(spec.name, plan, quantized.state_dict(), output.name, mode="fast")
+    heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name),
+               "this plan, fast mode": _heldout_row(fast, plan, fp32, calib, reference, output.name, spec.name),
+               **heldout}
     if options.baselines:
         for name, fmt, activation, method in BASELINES:
             rounding = RoundingSettings(method, options.rounding.force_weight, damp=options.rounding.damp)
