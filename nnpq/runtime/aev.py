@@ -13,7 +13,9 @@ CPU backends, fastest first:
 
 - ``cpp``: `aev_cpu.cpp`, a C++/OpenMP cell list, forward and backward registered as torch
   ops (``torch.ops.nnpq_aev``) with a C++ autograd function, so TorchScript (openmm-torch's
-  TorchForce) runs it too. Built with g++ on first use and cached by torch.
+  TorchForce) runs it too. Built with g++ on first use and cached by torch. In eager mode
+  its neighbour list is a Verlet list (`VERLET_SKIN`), rebuilt only when an atom moved more
+  than half the skin.
 - ``compile``: the torch kernels below through ``torch.compile``.
 - ``torch``: vectorized torch with the explicit backward (`_AEVFunction`): the reference,
   and the path on CUDA when TorchANI's cuAEV is not installed. The angle term is evaluated as
