@@ -65,12 +65,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     for name, value in (("--max-force-rmse", args.max_force_rmse), ("--max-energy-rmse", args.max_energy_rmse)):
         if value is not None and not value > 0:
             raise NnpqError(f"{name} must be a positive number (kcal/mol/Å or kcal/mol per atom), got {value}")
+    if not 0 <= args.min_coverage <= 1:
+        raise NnpqError(f"--min-coverage is a share between 0 and 1, got {args.min_coverage}")
     from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 
     candidates = DEFAULT_CANDIDATES if not args.candidates else tuple(
         TensorFormat.parse(label) for label in args.candidates.split(","))
     options = QuantizeOptions(
-        candidates=candidates, weight=TensorFormat.parse(args.weight), activation=ActivationFormat(mode=args.activation),
+        candidates=candidates, weight=TensorFormat.parse(args.weight), min_coverage=args.min_coverage, activation=ActivationFormat(mode=args.activation),
         rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
         max_bytes=None if args.max_size is None else _parse_size(args.max_size),
         calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines,
@@ -244,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", default="int8/g8/asym",
                    help="uniform weight format without a budget: int8/g8/asym (default), int8/g32/asym, int8/channel, "
                    "fp16, ...")
+    p.add_argument("--min-coverage", type=float, default=0.9, metavar="SHARE",
+                   help="without a budget, keep the first layer in fp16 for element networks whose calibration "
+                   "excites less than this share of their AEV inputs (default 0.9; 0 turns it off)")
     p.add_argument("--activation", choices=["none", "dynamic", "static"], default="none",
                    help="INT8 input activations of integer layers (forces then not exact gradients)")
     p.add_argument("--max-force-rmse", type=float, help="choose precisions per element and layer: force RMSE "
