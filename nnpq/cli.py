@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-force-rmse", type=float, help="choose precisions per element and layer: force RMSE "
                    "budget in kcal/mol/Å on the calibration configurations of every system")
     p.add_argument("--max-energy-rmse", type=float, help="per-atom energy RMSE budget, kcal/mol")
-    p.add_argument("--max-size", help="size budget, e.g. 8MB: the plan that fits with the smallest worst-system force error")
+    p.add_argument("--max-size", help="size budget of the file, e.g. 10MB (MB = 10^6 bytes): the plan that fits whose "
+                   "worst molecule's force error, relative to int8/channel round-to-nearest on it, is smallest")
     p.add_argument("--candidates", help="comma-separated formats a budgeted plan may use per element and layer, "
                    "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
     p.add_argument("--report-dir", help="folder for sensitivity and frontier files (default OUTPUT-report)")

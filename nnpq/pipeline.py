@@ -63,7 +63,8 @@ class QuantizeOptions:
         max_force_rmse: force RMSE budget, kcal/mol/Å, on the calibration configurations of every
             system and user file.
         max_energy_rmse: per-atom energy RMSE budget, kcal/mol, likewise on every system.
-        max_bytes: size budget of the model file, bytes; the worst system's force error is minimized.
+        max_bytes: size budget of the model file, bytes; the worst molecule's force MSE relative to
+            int8/channel round-to-nearest on it is minimized.
         candidates: formats the allocation may choose per (element, layer), FP32 always included.
         calibration: how calibration configurations are made (seeded).
         baselines: also measure the baseline plans on the held-out set.
@@ -187,6 +188,16 @@ def _heldout_row(model, plan: QuantPlan, fp32, calib: CalibrationSet, reference:
     return {**errors, "bytes": stored_bytes(plan, fp32), "description": plan.description}
 
 
+def rtn_weights(fp32: torch.nn.Module, fmt: TensorFormat) -> dict:
+    """Round-to-nearest ``fmt`` weights of every hidden layer (dequantized), for `PlanEvaluator.errors`."""
+    from nnpq.models.fp32 import hidden_and_final_layers
+    from nnpq.quant.quantizers import quantize_nearest
+
+    final = n_layers(fp32) - 1
+    return {key: quantize_nearest(lin.weight.detach(), fmt).dequantize()
+            for key, lin in hidden_and_final_layers(fp32).items() if key[2] < final}
+
+
 def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOptions, out_dir: Path,
                  progress: bool) -> tuple[QuantPlan, dict[str, Any], str, list[Path]]:
     """Sensitivities, frontier and the allocation that meets the budgets, with written reports."""
@@ -195,8 +206,12 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     from nnpq.quant.sensitivity import PlanEvaluator, measure_sensitivity
     from nnpq.validation.report import to_jsonable
 
-    # budgets hold on held-out chemistry too: measured there, never rounded on
-    evaluator = PlanEvaluator(fp32, calib.calibration + calib.chemistry, name)
+    # budgets hold on held-out chemistry too: measured there, never rounded on. Under a size budget
+    # every molecule is its own source, judged against per-channel INT8 round-to-nearest there (the
+    # smallest plan a user would otherwise reach for): the allocation minimizes the worst ratio.
+    by_molecule = options.max_bytes is not None
+    evaluator = PlanEvaluator(fp32, calib.calibration + calib.chemistry, name, by_molecule)
+    yardstick = evaluator.errors(rtn_weights(fp32, INT8_CHANNEL))["force_mse_by_source"] if by_molecule else None
     table = measure_sensitivity(fp32, name, calib.calibration, options.candidates, options.rounding, evaluator,
                                 seed=options.calibration.seed, progress=progress, equalize=EQUALIZED_LAYERS)
     targets = {"force": options.max_force_rmse, "energy": options.max_energy_rmse}  # RMSE on every source
@@ -205,7 +220,7 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     allocation: Allocation | None = None
     for _ in range(CORRECTION_ROUNDS):
         allocation = allocate(table, budgets["force"], budgets["energy"], options.max_bytes,
-                              allowed=[f.label() for f in options.candidates])
+                              allowed=[f.label() for f in options.candidates], yardstick=yardstick)
         measured = evaluator.errors(assemble_weights(table, allocation))
         history.append({"predicted_worst_force_rmse": allocation.predicted_worst_force_rmse,
                         "measured_worst_force_rmse": measured["worst_force_rmse"],
