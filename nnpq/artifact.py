@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import nnpq

@@ -69,12 +69,14 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
                                         (args.max_force_rmse is None and args.max_energy_rmse is None)):
         raise NnpqError("--objective latency minimizes time under an error budget: give --max-force-rmse and/or "
                         "--max-energy-rmse, and no --max-size")
+    if not 0 <= args.min_coverage <= 1:
+        raise NnpqError(f"--min-coverage is a share between 0 and 1, got {args.min_coverage}")
     from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 
     candidates = DEFAULT_CANDIDATES if not args.candidates else tuple(
         TensorFormat.parse(label) for label in args.candidates.split(","))
     options = QuantizeOptions(
-        candidates=candidates, weight=TensorFormat.parse(args.weight), activation=ActivationFormat(mode=args.activation),
+        candidates=candidates, weight=TensorFormat.parse(args.weight), min_coverage=args.min_coverage, activation=ActivationFormat(mode=args.activation),
         rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
         max_bytes=None if args.max_size is None else _parse_size(args.max_size),
         calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines,
@@ -248,12 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", default="int8/g8/asym",
                    help="uniform weight format without a budget: int8/g8/asym (default), int8/g32/asym, int8/channel, "
                    "fp16, ...")
+    p.add_argument("--min-coverage", type=float, default=0.9, metavar="SHARE",
+                   help="without a budget, keep the first layer in fp16 for element networks whose calibration "
+                   "excites less than this share of their AEV inputs (default 0.9; 0 turns it off)")
     p.add_argument("--activation", choices=["none", "dynamic", "static"], default="none",
                    help="INT8 input activations of integer layers (forces then not exact gradients)")
     p.add_argument("--max-force-rmse", type=float, help="choose precisions per element and layer: force RMSE "
                    "budget in kcal/mol/Å on the calibration configurations of every system")
     p.add_argument("--max-energy-rmse", type=float, help="per-atom energy RMSE budget, kcal/mol")
-    p.add_argument("--max-size", help="size budget, e.g. 8MB: the plan that fits with the smallest worst-system force error")
+    p.add_argument("--max-size", help="size budget of the file, e.g. 10MB (MB = 10^6 bytes): the plan that fits whose "
+                   "worst molecule's force error, relative to int8/channel round-to-nearest on it, is smallest")
     p.add_argument("--candidates", help="comma-separated formats a budgeted plan may use per element and layer, "
                    "e.g. int8/g32/asym,int8/g16/asym,int8/channel for an all-INT8 plan (FP32 is always allowed)")
     p.add_argument("--objective", choices=["size", "latency"], default="size",

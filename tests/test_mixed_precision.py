@@ -137,6 +137,10 @@ def test_allocation_protects_the_worst_source(solver):
     assert a.choice[("S", 0)] != "int4/g32/asym"  # 2.0 on "rare" although its mean share is 0.2
     a = allocate(table, max_force_mse={"common": 2.0, "rare": 2.5}, solver=solver)
     assert a.choice == {("H", 0): "int4/g32/asym", ("S", 0): "int4/g32/asym"}
+    # judged against a yardstick per source (a baseline 100x worse on "rare"), "common" is now the
+    # worst off: H gets int8 (ratios 0.2 and 0.2) rather than S (ratios 10 and 0.035)
+    a = allocate(table, max_bytes=150.0, solver=solver, yardstick={"common": 0.1, "rare": 10.0})
+    assert a.choice == {("H", 0): "int8/g32/asym", ("S", 0): "int4/g32/asym"}
 
 
 def test_uniform_allocation_is_additive():
@@ -370,6 +374,7 @@ def test_calibration_file_with_foreign_element(tmp_path, fp32_ani2x):
     (["quantize", "ani2x", "--max-size", "1MB", "-q"], "smallest possible file"),
     (["quantize", "ani2x", "--max-size", "lots"], "cannot read size"),
     (["quantize", "ani2x", "--max-force-rmse", "-1"], "must be a positive number"),
+    (["quantize", "ani2x", "--min-coverage", "2"], "share between 0 and 1"),
     (["quantize", "ani2x", "--weight", "int9/channel"], "whole number of bits from 2 to 8"),
     (["sensitivity", "ani2x", "--calibration", "missing.xyz", "-q"], "not found"),
 ])

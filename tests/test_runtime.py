@@ -18,7 +18,7 @@ from nnpq.kernels.build import build_error
 from nnpq.kernels.int8 import dequantize_weight
 from nnpq.models import ANIPotential, energy_and_forces, load_fp32, load_potential
 from nnpq.runtime import RuntimePotential, runtime_from_tensors
-from nnpq.runtime.network import ElementNet, FastElementNet, IntWeight
+from nnpq.runtime.network import FastElementNet, IntWeight
 from nnpq.spec.formats import TensorFormat
 from nnpq.spec.plan import PlanRule, QuantPlan, uniform_plan
 from nnpq.systems import get_system

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, load_potential
+from nnpq.models.domain import check_domain, warn_outside
 from nnpq.units import HARTREE_TO_KJ_MOL, NM_TO_ANGSTROM
 
 BACKENDS = ("auto", "torchforce", "pythonforce")
@@ -159,10 +160,29 @@ def check_elements(potential: ANIPotential, numbers: Iterable[int], atoms: Itera
                         f"{next(iter(rejected.values()))}; or model them with MM in a mixed ML/MM system")
 
 
+def check_start(potential, topology: app.Topology, positions, atoms: list[int],
+                periodic: bool) -> dict[int, list[str]]:
+    """Warn once (`check_domain`) when the starting ``positions`` (Å, or an OpenMM quantity) of the
+    ``atoms`` the potential acts on lie outside its calibrated domain; returns topology index ->
+    neighbour blocks beyond range."""
+    if unit.is_quantity(positions):
+        positions = positions.value_in_unit(unit.angstrom)
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.shape != (topology.getNumAtoms(), 3):
+        raise NnpqError(f"positions have shape {positions.shape}; the topology needs ({topology.getNumAtoms()}, 3) in Å")
+    numbers = np.array(topology_numbers(topology))[atoms]
+    cell = np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)) if periodic else None
+    found = check_domain(potential, numbers, positions[atoms], cell, warn=False)
+    found = {atoms[i]: blocks for i, blocks in found.items()}  # name atoms by their topology index
+    if found:
+        warn_outside(potential, found, np.array(topology_numbers(topology)), "OpenMM starting structure")
+    return found
+
+
 def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, *,
                atoms: Iterable[int] | None = None, backend: str = "auto", neighborlist: str | None = None,
                periodic: bool | None = None, device: str | torch.device | None = None,
-               mode: str | None = None) -> openmm.Force:
+               mode: str | None = None, positions=None) -> openmm.Force:
     """The ANI force for the ``atoms`` of ``topology``.
 
     Args:
@@ -174,6 +194,8 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
         periodic: use the periodic box; default: iff the topology has box vectors.
         device: where a ``PythonForce`` runs the model (``TorchForce`` follows OpenMM's platform).
         mode: runtime mode passed to the model loader (where the runtime has modes).
+        positions: the starting structure, every topology atom, Å (or an OpenMM quantity): when
+            given, one warning names the atoms that lie outside the model's calibrated domain.
     """
     if backend not in BACKENDS:
         raise NnpqError(f"unknown OpenMM backend '{backend}'; use one of {', '.join(BACKENDS)}")
@@ -186,6 +208,8 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
     check_elements(potential, chosen, selected)
     if periodic:
         potential.check_cell(np.array(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)))
+    if positions is not None:
+        check_start(potential, topology, positions, selected, periodic)
     if backend == "torchforce" and getattr(potential, "mode", None) == "fast":
         raise NnpqError("the fast mode's INT8 kernels run in Python only; use backend='pythonforce' (or 'auto')")
     if backend == "auto" and not isinstance(potential, ANIPotential):
@@ -212,7 +236,8 @@ def system_backend(system: openmm.System) -> str:
 def create_system(topology: app.Topology, model: str | os.PathLike | ANIPotential, *,
                   atoms: Iterable[int] | None = None, backend: str = "auto",
                   neighborlist: str | None = None, remove_cm_motion: bool = True,
-                  device: str | torch.device | None = None, mode: str | None = None) -> openmm.System:
+                  device: str | torch.device | None = None, mode: str | None = None,
+                  positions=None) -> openmm.System:
     """An OpenMM System whose only force is the ANI potential of ``model``.
 
     Masses come from the topology's elements; box vectors from the topology when it has
@@ -227,7 +252,7 @@ def create_system(topology: app.Topology, model: str | os.PathLike | ANIPotentia
     if box is not None:
         system.setDefaultPeriodicBoxVectors(*box)
     system.addForce(make_force(topology, model, atoms=atoms, backend=backend, neighborlist=neighborlist,
-                               device=device, mode=mode))
+                               device=device, mode=mode, positions=positions))
     if remove_cm_motion:
         system.addForce(openmm.CMMotionRemover())
     return system

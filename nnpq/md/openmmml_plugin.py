@@ -41,8 +41,9 @@ class NnpqPotentialImpl(MLPotentialImpl):
 
     def addForces(self, topology: openmm.app.Topology, system: openmm.System, atoms: Iterable[int] | None,
                   forceGroup: int, backend: str | None = None, neighborlist: str | None = None,
-                  device: str | None = None, **args) -> None:
-        """Add the ANI force for ``atoms`` (all when ``None``) to ``system`` in ``forceGroup``.
+                  device: str | None = None, positions=None, **args) -> None:
+        """Add the ANI force for ``atoms`` (all when ``None``) to ``system`` in ``forceGroup``;
+        ``positions`` (Å or an OpenMM quantity), when given, are checked against the model's domain.
 
         Periodic when the topology has a box or the system is periodic, as for openmm-ml's ANI.
         """
@@ -50,7 +51,8 @@ class NnpqPotentialImpl(MLPotentialImpl):
 
         periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
         force = make_force(topology, self.model, atoms=atoms, backend=backend or self.backend,
-                           neighborlist=neighborlist, periodic=periodic, device=device, mode=self.mode)
+                           neighborlist=neighborlist, periodic=periodic, device=device, mode=self.mode,
+                           positions=positions)
         force.setForceGroup(forceGroup)
         system.addForce(force)
 

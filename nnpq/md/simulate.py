@@ -252,7 +252,8 @@ class _OpenMMRun:
 
     def _system(self, inp: SimulationInput, potential: ANIPotential, device: str | None) -> openmm.System:
         if inp.ml_atoms is None:
-            return create_system(inp.topology, potential, backend=self.settings.backend, device=device)
+            return create_system(inp.topology, potential, backend=self.settings.backend, device=device,
+                                 positions=inp.positions)
         from openmmml import MLPotential
 
         force_field = app.ForceField(*inp.mm_force_field)
@@ -260,7 +261,7 @@ class _OpenMMRun:
         mm_system = force_field.createSystem(inp.topology, nonbondedMethod=method, nonbondedCutoff=0.9 * unit.nanometer,
                                              constraints=app.HBonds, rigidWater=True)
         return MLPotential("nnpq", model=potential, backend=self.settings.backend).createMixedSystem(
-            inp.topology, mm_system, list(inp.ml_atoms), device=device)
+            inp.topology, mm_system, list(inp.ml_atoms), device=device, positions=inp.positions)
 
     @property
     def label(self) -> str:

@@ -101,14 +101,16 @@ def _result(table: SensitivityTable, p: _Problem, pick: np.ndarray, solver: str)
 
 def allocate(table: SensitivityTable, max_force_mse: Budget = None, max_energy_mse: Budget = None,
              max_bytes: float | None = None, solver: str = "milp", allowed: list[str] | None = None,
-             cost: dict[Unit, dict[str, float]] | None = None) -> Allocation:
+             cost: dict[Unit, dict[str, float]] | None = None, yardstick: dict[str, float] | None = None) -> Allocation:
     """Smallest plan whose predicted errors are within budget on every source, or (with
     ``max_bytes``) the plan within that size whose worst source has the smallest force error.
 
     Budgets are MSEs (kcal/mol/Å squared, kcal/mol/atom squared), one for all sources or a
     dict per source. ``allowed`` restricts the format labels a unit may take. ``cost`` (per
     unit and label, e.g. milliseconds per call from `nnpq.quant.latency`) replaces the size as
-    what an error-budget plan minimizes.
+    what an error-budget plan minimizes. ``yardstick`` (force MSE per source, e.g. of a baseline
+    plan) makes the size-budget objective the worst ratio of a source's force MSE to its
+    yardstick, so each source is judged on its own scale.
 
     Raises:
         NnpqError: no plan meets the budgets; the message names the closest one.
@@ -122,14 +124,15 @@ def allocate(table: SensitivityTable, max_force_mse: Budget = None, max_energy_m
         if max_bytes < cheapest:
             raise NnpqError(f"no plan fits in {max_bytes / 1e6:.2f} MB; the smallest possible is "
                             f"{cheapest / 1e6:.2f} MB (all units at their narrowest format)")
-    pick = _milp(p, table.fixed_bytes, max_force, max_energy, max_bytes) if solver == "milp" else None
+    weight = np.ones(len(p.sources)) if yardstick is None else 1.0 / np.maximum(p.budgets(yardstick), 1e-12)
+    pick = _milp(p, table.fixed_bytes, max_force, max_energy, max_bytes, weight) if solver == "milp" else None
     used = "milp"
     if pick is None:
-        pick, used = _greedy(p, table.fixed_bytes, max_force, max_energy, max_bytes), "greedy"
+        pick, used = _greedy(p, table.fixed_bytes, max_force, max_energy, max_bytes, weight), "greedy"
     return _result(table, p, pick, used)
 
 
-def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray | None:
+def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes, weight: np.ndarray) -> np.ndarray | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n_units, n_choices = p.size.shape
@@ -141,8 +144,8 @@ def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray | 
     force = p.force.reshape(n_sources, -1)
     if max_bytes is not None:
         constraints.append(LinearConstraint(np.hstack([p.size.reshape(1, -1), pad]), -np.inf, max_bytes - fixed))
-        constraints.append(LinearConstraint(np.hstack([force, -np.ones((n_sources, 1))]), -np.inf, 0))
-        objective = np.append(MEAN_WEIGHT * force.mean(axis=0) + 1e-12 * p.size.reshape(-1), 1.0)
+        constraints.append(LinearConstraint(np.hstack([force * weight[:, None], -np.ones((n_sources, 1))]), -np.inf, 0))
+        objective = np.append(MEAN_WEIGHT * (force * weight[:, None]).mean(axis=0) + 1e-12 * p.size.reshape(-1), 1.0)
     else:
         objective = np.append(p.cost.reshape(-1), 0.0)
     for matrix, budget in ((force, max_force), (p.energy.reshape(n_sources, -1), max_energy)):
@@ -156,16 +159,16 @@ def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray | 
     return np.argmax(res.x[:n_x].reshape(n_units, n_choices), axis=1)
 
 
-def _greedy(p: _Problem, fixed, max_force, max_energy, max_bytes) -> np.ndarray:
+def _greedy(p: _Problem, fixed, max_force, max_energy, max_bytes, weight: np.ndarray) -> np.ndarray:
     """Start from the most accurate choice per unit and take the cheapest error per byte (or cost) saved."""
     rows = np.arange(p.size.shape[0])
 
     def by_source(matrix, pick):
         return matrix[:, rows, pick].sum(axis=1)
 
-    def error(pick):  # the size-budget objective: worst source, then the mean
+    def error(pick):  # the size-budget objective: worst (weighted) source, then the mean
         f = by_source(p.force, pick)
-        return f.max() + MEAN_WEIGHT * f.mean()
+        return (weight * f).max() + MEAN_WEIGHT * (weight * f).mean()
 
     def feasible(pick):
         ok = max_force is None or bool(np.all(by_source(p.force, pick) <= max_force))

@@ -36,6 +36,7 @@ def campaign_for(models: list[str], systems: list[str], seeds: int, out: str | o
     """The campaign, checked before any task starts: known systems, readable models that
     cover every system's elements, at least one seed. ``modes``: default every runtime mode."""
     from nnpq.errors import NnpqError
+    from nnpq.models.domain import check_domain
     from nnpq.systems import get_system
 
     if seeds < 1:
@@ -46,6 +47,7 @@ def campaign_for(models: list[str], systems: list[str], seeds: int, out: str | o
         for ref in refs[1:]:
             potential = load(ref, "cell_list" if system.is_periodic else "all_pairs")
             potential.check_inputs(system.atomic_numbers, system.positions, system.box)
+            check_domain(potential, system.atomic_numbers, system.positions, system.box, f"nnpq validate {name}")
     return Campaign(str(Path(out).resolve()), protocol, tuple(refs), tuple(dict.fromkeys(systems)),
                     tuple(range(1, seeds + 1)))
 
