@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -161,16 +162,25 @@ std::tuple<Tensor, Tensor, Tensor> neighbors(const Tensor& positions, const c10:
   auto shift = at::empty({n_pairs, 3}, at::kDouble);
   int64_t* jp = nbr.data_ptr<int64_t>();
   double* sp = shift.data_ptr<double>();
+  // Each centre's neighbours are written sorted by (j, image): the order, and so the float rounding
+  // of every AEV sum, depends on the set of pairs only, not on the cells the atoms sat in when the
+  // list was built (a Verlet list reused for some steps gives bit-identical results).
   at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<std::array<int64_t, 4>> found;
     for (int64_t a = lo; a < hi; ++a) {
-      int64_t k = count[a];
+      found.clear();
       visit(a, [&](int64_t j, const int64_t* im) {
-        jp[k] = j;
-        double m[3];
-        for (int d = 0; d < 3; ++d) m[d] = (double)(im[d] + image[3 * a + d] - image[3 * j + d]);
-        for (int d = 0; d < 3; ++d) sp[3 * k + d] = periodic ? m[0] * box[d] + m[1] * box[3 + d] + m[2] * box[6 + d] : 0.0;
-        ++k;
+        found.push_back({j, im[0] + image[3 * a] - image[3 * j], im[1] + image[3 * a + 1] - image[3 * j + 1],
+                         im[2] + image[3 * a + 2] - image[3 * j + 2]});
       });
+      std::sort(found.begin(), found.end());
+      int64_t k = count[a];
+      for (const auto& e : found) {
+        jp[k] = e[0];
+        for (int d = 0; d < 3; ++d)
+          sp[3 * k + d] = periodic ? e[1] * box[d] + e[2] * box[3 + d] + e[3] * box[6 + d] : 0.0;
+        ++k;
+      }
     }
   });
   return {offsets, nbr, shift.to(positions.scalar_type())};
