@@ -138,7 +138,8 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
     lengths = {k: getattr(args, k) for k in ("equilibration_ps", "nve_ps", "nvt_ps", "stress_ps", "frame_interval_fs")
                if getattr(args, k) is not None}
-    protocol = dataclasses.replace(SHORT if args.short else FULL, platform=args.platform, **lengths)
+    protocol = dataclasses.replace(SHORT if args.short else FULL, platform=args.platform, engine=args.engine,
+                                   **lengths)
     out = args.out or f"validate-{Path(args.model[0]).stem}"
     modes = None if args.modes is None else tuple(args.modes.split(","))
     thresholds = _thresholds(args)
@@ -294,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=float, help=f"override the protocol: {what}")
     p.add_argument("--modes", help="comma-separated runtime modes of the quantized models (default: every mode "
                    "the runtime offers, e.g. exact,fast)")
-    p.add_argument("--platform", default="auto", help="OpenMM platform (default: CUDA mixed, else Reference)")
+    p.add_argument("--engine", default="openmm", help="MD engine of the stages: openmm (default) or ase "
+                   "(VelocityVerlet and Langevin; the shared starts are OpenMM's either way)")
+    p.add_argument("--platform", default="auto", help="OpenMM platform (default: CUDA mixed, else CPU); with "
+                   "--engine ase, of the shared starts")
     p.add_argument("--out", help="output folder (default validate-MODEL); reruns resume from it")
     p.add_argument("--threshold", action="append", metavar="METRIC=VALUE",
                    help="absolute threshold for one metric in its report unit, e.g. force_rmse=20; repeatable")

@@ -26,7 +26,7 @@ def rows(paths: list[str | os.PathLike]) -> tuple[list[list[str]], list[dict[str
     for i, path in enumerate(paths):
         report = read_report(path)
         folder = Path(path) if Path(path).is_dir() else Path(path).resolve().parent
-        name = f"#{i + 1} {folder.name}"
+        name = f"#{i + 1} {folder.name}" + (" (ASE)" if report.get("engine") == "ase" else "")
         for model in report["models"][1:]:
             for system, entry in report["systems"].items():
                 m, ref = entry["models"].get(model["key"]), entry["models"].get("fp32")

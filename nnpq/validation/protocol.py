@@ -10,7 +10,9 @@ minimized and equilibrated with Langevin dynamics at the seed's velocities. Stag
   scaled by ``compression`` about the centroid (stress).
 
 Durations are in ps and converted to steps of each stage's time step; frames are recorded
-every ``frame_interval_fs``.
+every ``frame_interval_fs``. The stages run in one of `ENGINES`: OpenMM (default) or ASE
+(``VelocityVerlet`` and ``ase.md.langevin.Langevin``); the shared start is made by OpenMM
+for both, so the two engines' runs of one seed start from the same state and velocities.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import json
 from dataclasses import asdict, dataclass
 
 from nnpq.errors import NnpqError
+
+#: MD engines the stages run in (`Protocol.engine`).
+ENGINES = ("openmm", "ase")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,9 @@ class Protocol:
         frame_interval_fs: time between recorded frames.
         fidelity_frames: FP32 NVT frames re-evaluated with both models (energy/force errors).
         checkpoint_frames: frames between checkpoints (each appends one chunk file).
-        platform: OpenMM platform name, or ``auto`` (CUDA in mixed precision, else CPU).
+        platform: OpenMM platform name, or ``auto`` (CUDA in mixed precision, else CPU); with
+            the ASE engine it makes the shared starts only.
+        engine: ``openmm`` or ``ase``: what integrates the stages (see `ENGINES`).
         threads: torch threads per task (tasks run in parallel on workers; 1 also makes
             CPU results bitwise independent of where a task runs).
     """
@@ -72,8 +79,11 @@ class Protocol:
     checkpoint_frames: int = 200
     platform: str = "auto"
     threads: int = 1
+    engine: str = "openmm"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise NnpqError(f"unknown engine '{self.engine}'; use one of {', '.join(ENGINES)}")
         for name in ("equilibration_ps", "nve_ps", "nvt_ps", "stress_ps", "frame_interval_fs"):
             if not getattr(self, name) > 0:
                 raise NnpqError(f"protocol {name} must be positive, got {getattr(self, name)}")
@@ -109,8 +119,10 @@ class Protocol:
 
     def key(self) -> str:
         """Hash of every setting that shapes a trajectory (not ``threads`` or ``checkpoint_frames``;
-        the platform enters task keys by the name it resolves to, not as asked)."""
-        shape = {k: v for k, v in asdict(self).items() if k not in ("threads", "checkpoint_frames", "platform")}
+        the platform enters task keys by the name it resolves to, not as asked, and the engine
+        enters the keys of the runs, not of the shared start, which OpenMM makes for both)."""
+        ignored = ("threads", "checkpoint_frames", "platform", "engine")
+        shape = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -361,7 +361,8 @@ def render_html(report: dict) -> str:
     models = "".join(f"<li>{html.escape(m['label'])}: {html.escape(m['source'])} (mode {m['mode']}, tensors sha256 "
                      f"{m['sha256'][:16]}…)</li>" for m in report["models"])
     protocol = ", ".join(f"{k} = {v}" for k, v in report["protocol"].items())
-    parts.append(f"<p>Platform {html.escape(str(report['platform']))}; seeds {report['seeds']}; schema version "
+    engine = report.get("engine_label", f"OpenMM on {report['platform']}")
+    parts.append(f"<p>Engine {html.escape(str(engine))}; seeds {report['seeds']}; schema version "
                  f"{report['schema_version']}.</p><ul>{models}</ul><p>Protocol: {html.escape(protocol)}</p>")
     if report["missing"]:
         items = "".join(f"<li>{html.escape(m['task'])}: {html.escape(m['reason'])}</li>" for m in report["missing"])

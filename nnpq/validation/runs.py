@@ -1,9 +1,11 @@
-"""OpenMM runs of the protocol: one shared start per (system, seed), then each stage with its frames.
+"""Runs of the protocol: one shared start per (system, seed) made by OpenMM, then each stage
+with its frames, in OpenMM (`StageContext`) or any other `StageEngine` (ASE: `nnpq.validation.ase_runs`).
 
 Frames are appended as numbered chunk files (``frames-00000.npz`` ...), one per checkpoint,
 so a long run never rewrites what it already wrote. Every checkpoint and start file carries
 a key (model tensors, system, seed, protocol); a folder whose key differs is set aside
-(renamed ``*.stale-N``), never resumed. Units: nm, ps, kJ/mol (OpenMM's, energies in double).
+(renamed ``*.stale-N``), never resumed. Units: nm, ps, kJ/mol (OpenMM's, energies in double),
+whatever the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol as Protocol_
 
 import numpy as np
 import openmm
@@ -120,12 +123,35 @@ def start_state(path: Path, key: str, system: openmm.System, positions_nm: np.nd
 _ROWS = ("time_ps", "potential_kj_mol", "kinetic_kj_mol", "positions_nm")
 
 
-def _record(context: openmm.Context, rows: dict[str, list]) -> None:
-    state = context.getState(getEnergy=True, getPositions=True)
-    rows["time_ps"].append(state.getTime().value_in_unit(unit.picosecond))
-    rows["potential_kj_mol"].append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-    rows["kinetic_kj_mol"].append(state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole))
-    rows["positions_nm"].append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+class StageEngine(Protocol_):
+    """What `run_stage` needs of an MD engine; every quantity in OpenMM units (nm, ps, kJ/mol).
+
+    ``box`` is the system's uncompressed periodic box (``(3, 3)`` nm, rows are vectors) or
+    ``None`` in vacuum. ``save`` returns the engine's dynamic state as arrays that go into the
+    stage's checkpoint file; ``restore`` takes them back.
+    """
+
+    name: str
+    box: np.ndarray | None
+
+    def begin(self, stage: Stage, positions_nm: np.ndarray, velocities_nm_ps: np.ndarray,
+              box_nm: np.ndarray | None) -> None:
+        """Select ``stage``'s integrator and set the state; the time and step count restart at 0."""
+
+    def step(self, n: int) -> str | None:
+        """Advance ``n`` steps; a one-line reason when the engine cannot go on (raised inside it), else None."""
+
+    def frame(self) -> tuple[float, float, float, np.ndarray]:
+        """Time (ps), potential and kinetic energy (kJ/mol, float64), positions (``(N, 3)`` nm)."""
+
+    def save(self) -> dict[str, np.ndarray]: ...
+
+    def restore(self, saved: dict[str, np.ndarray]) -> None: ...
+
+
+def _record(runner: StageEngine, rows: dict[str, list]) -> None:
+    for name, value in zip(_ROWS, runner.frame()):
+        rows[name].append(value)
 
 
 def _chunks(folder: Path) -> list[Path]:
@@ -174,9 +200,12 @@ def _failure(rows: dict[str, list], bonds: np.ndarray, rest: np.ndarray, box: np
 
 
 class StageContext:
-    """One OpenMM Context for every stage of a model's runs: a CompoundIntegrator holds each
-    stage's integrator, so the ANI force (a TorchScript module that is slow on its first calls
-    in every new Context) is set up once per task, not once per stage."""
+    """The OpenMM `StageEngine`: one Context for every stage of a model's runs. A
+    CompoundIntegrator holds each stage's integrator, so the ANI force (a TorchScript module
+    that is slow on its first calls in every new Context) is set up once per task, not once
+    per stage."""
+
+    name = "OpenMM"
 
     def __init__(self, system: openmm.System, protocol: Protocol, seed: int) -> None:
         self.integrator = openmm.CompoundIntegrator()
@@ -192,29 +221,56 @@ class StageContext:
         if system.usesPeriodicBoundaryConditions():
             self.box = np.array([v.value_in_unit(unit.nanometer) for v in system.getDefaultPeriodicBoxVectors()])
 
+    def begin(self, stage: Stage, positions_nm: np.ndarray, velocities_nm_ps: np.ndarray,
+              box_nm: np.ndarray | None) -> None:
+        self.integrator.setCurrentIntegrator(self.index[stage.name])
+        if box_nm is not None:
+            self.context.setPeriodicBoxVectors(*box_nm)
+        self.context.setTime(0.0)
+        self.context.setStepCount(0)
+        self.context.setPositions(positions_nm)
+        self.context.setVelocities(velocities_nm_ps)
 
-def run_stage(runner: StageContext, start: StartState, stage: Stage, protocol: Protocol, folder: Path, key: str,
+    def step(self, n: int) -> str | None:
+        try:
+            self.integrator.step(n)
+        except openmm.OpenMMException as exc:  # e.g. a NaN position caught by the platform
+            return str(exc).splitlines()[0]
+        return None
+
+    def frame(self) -> tuple[float, float, float, np.ndarray]:
+        state = self.context.getState(getEnergy=True, getPositions=True)
+        return (state.getTime().value_in_unit(unit.picosecond),
+                state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+                state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole),
+                state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+
+    def save(self) -> dict[str, np.ndarray]:
+        return {"openmm_checkpoint": np.frombuffer(self.context.createCheckpoint(), dtype=np.uint8)}
+
+    def restore(self, saved: dict[str, np.ndarray]) -> None:
+        self.context.loadCheckpoint(saved["openmm_checkpoint"].tobytes())
+
+
+def run_stage(runner: StageEngine, start: StartState, stage: Stage, protocol: Protocol, folder: Path, key: str,
               bonds: np.ndarray) -> StageFrames:
     """Run ``stage`` from ``start`` (resuming ``folder`` when its checkpoint has ``key``).
 
     Args:
-        runner: the model's context (its system's default box is the start box).
+        runner: the model's engine (`StageContext` for OpenMM, `nnpq.validation.ase_runs.AseStages`);
+            its ``box`` is the start box.
         bonds: ``(B, 2)`` atom indices; a bond stretched past `MAX_BOND_STRETCH` stops the run.
 
-    A run whose energy turns non-finite or whose bonds break stops there and reports why
-    (``failure``); that is a result of the stress stages, not an error.
+    The compressed stage scales positions about their centroid, and the box, by
+    ``stage.compression``; velocities are scaled to the stage's temperature. A run whose
+    energy turns non-finite, whose bonds break or whose engine stops ends there and reports
+    why (``failure``); that is a result of the stress stages, not an error.
     """
     report = protocol.report_interval(stage)
-    context, integrator = runner.context, runner.integrator
-    integrator.setCurrentIntegrator(runner.index[stage.name])
     box = None if runner.box is None else runner.box * stage.compression
-    if box is not None:
-        context.setPeriodicBoxVectors(*box)
-    context.setTime(0.0)
-    context.setStepCount(0)
     centroid = start.positions.mean(axis=0)
-    context.setPositions(centroid + (start.positions - centroid) * stage.compression)
-    context.setVelocities(start.velocities * np.sqrt(stage.temperature_k / protocol.temperature_k))
+    runner.begin(stage, centroid + (start.positions - centroid) * stage.compression,
+                 start.velocities * np.sqrt(stage.temperature_k / protocol.temperature_k), box)
     rest = _stretch(start.positions, bonds, runner.box) if len(bonds) else bonds
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,11 +278,11 @@ def run_stage(runner: StageContext, start: StartState, stage: Stage, protocol: P
     rows: dict[str, list] = {k: [] for k in _ROWS}
     step, elapsed, n_chunks, failure = 0, 0.0, 0, None
     if saved is not None:
-        context.loadCheckpoint(saved["openmm_checkpoint"].tobytes())
+        runner.restore(saved)
         step, elapsed, n_chunks = int(saved["step"]), float(saved["elapsed"]), int(saved["n_chunks"])
         failure = str(saved["failure"]) or None
     else:
-        _record(context, rows)
+        _record(runner, rows)
 
     def checkpoint() -> None:
         nonlocal n_chunks, rows
@@ -238,20 +294,19 @@ def run_stage(runner: StageContext, start: StartState, stage: Stage, protocol: P
             rows = {k: [] for k in _ROWS}
         state = io.BytesIO()
         np.savez(state, key=key, step=step, elapsed=elapsed, n_chunks=n_chunks, failure=failure or "",
-                 openmm_checkpoint=np.frombuffer(context.createCheckpoint(), dtype=np.uint8))
+                 **runner.save())
         write_bytes_atomic(folder / "checkpoint.npz", state.getvalue())
 
     while step < stage.steps and failure is None:
         n = min(report, stage.steps - step)
         t0 = time.perf_counter()
-        try:
-            integrator.step(n)
-        except openmm.OpenMMException as exc:  # e.g. a NaN position caught by the platform
-            failure = f"OpenMM stopped at step {step}: {str(exc).splitlines()[0]}"
+        stopped = runner.step(n)
         elapsed += time.perf_counter() - t0
+        if stopped is not None:
+            failure = f"{runner.name} stopped at step {step}: {stopped}"
         step += n
         if failure is None:
-            _record(context, rows)
+            _record(runner, rows)
             failure = _failure(rows, bonds, rest, box, step)
         if failure is not None or len(rows["time_ps"]) >= protocol.checkpoint_frames or step >= stage.steps:
             checkpoint()

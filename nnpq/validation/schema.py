@@ -4,7 +4,8 @@
 through this module. Layout (version 1); units are in the key names or the ``unit`` field:
 
 - ``schema_version``, ``nnpq_version``, ``title``, ``platform``, ``protocol``, ``seeds``,
-  ``thresholds``;
+  ``thresholds``, ``engine`` (``openmm`` or ``ase``; absent in reports older than the ASE
+  engine, which are OpenMM's) and ``engine_label`` (engine, version, platform, in words);
 - ``models``: ``[{key, label, source, mode, sha256, reference}]``, the FP32 reference first;
 - ``systems.NAME``: ``n_atoms``, ``periodic``, ``noise_floor.OBS`` (``mean``/``std``/``n`` of
   FP32-vs-FP32 Jensen-Shannon distances) and ``models.KEY`` with ``drift.STAGE``,

@@ -7,7 +7,9 @@
 
 A task whose result file exists with the same key returns at once: a killed campaign
 redoes only what is missing. Keys hash the model tensors, system, seed, protocol and
-platform, so results of another model under the same file name are never reused.
+platform, and those of runs and fidelity the engine (``openmm`` or ``ase``), so results of
+another model under the same file name, or of the other engine, are never reused. The start
+is OpenMM's for both engines.
 Tasks take and return plain data, so Dask can ship them to any worker that sees ``out``.
 """
 
@@ -27,7 +29,8 @@ from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.validation.identity import ModelRef, load
 from nnpq.validation.protocol import Protocol
-from nnpq.validation.runs import StageContext, choose_platform, read_frames, run_stage, set_aside, start_state
+from nnpq.validation.runs import (StageContext, StageEngine, choose_platform, read_frames, run_stage, set_aside,
+                                  start_state)
 
 #: Fixed log-spaced bins (kJ/mol/nm) of per-atom force-error magnitudes, so histograms add up
 #: over seeds and compare across reports.
@@ -51,6 +54,17 @@ class Campaign:
 
     def platform_name(self) -> str:
         return choose_platform(self.protocol.platform, self.protocol.threads)[0].getName()
+
+    def engine_label(self) -> str:
+        """What integrated the stages, for the report: engine, version, platform of the starts."""
+        if self.protocol.engine == "ase":
+            import ase
+
+            return (f"ASE {ase.__version__} (VelocityVerlet NVE, Langevin NVT; shared starts made by OpenMM "
+                    f"on {self.platform_name()})")
+        import openmm
+
+        return f"OpenMM {openmm.__version__} on {self.platform_name()}"
 
     def task_names(self) -> list[str]:
         """Every task of the campaign, in dependency order."""
@@ -81,7 +95,7 @@ def _start_key(c: Campaign, system: str, seed: int) -> str:
 
 
 def _run_key(c: Campaign, system: str, seed: int, model: ModelRef) -> str:
-    return _hash("run", _start_key(c, system, seed), model.sha256, model.mode)
+    return _hash("run", _start_key(c, system, seed), model.sha256, model.mode, c.protocol.engine)
 
 
 def _fidelity_key(c: Campaign, system: str, seed: int, model: ModelRef) -> str:
@@ -171,6 +185,17 @@ def _openmm_system(model: ModelRef, system_name: str):
     return create_system(system.topology, load(model, _neighborlist(system)), remove_cm_motion=False)
 
 
+def _engine(c: Campaign, model: ModelRef, system_name: str, seed: int) -> StageEngine:
+    """The engine the campaign's protocol names, holding ``model`` on ``system_name``."""
+    if c.protocol.engine == "ase":
+        from nnpq.systems import get_system
+        from nnpq.validation.ase_runs import AseStages
+
+        system = get_system(system_name)
+        return AseStages(load(model, _neighborlist(system)), system.topology, _box_nm(system), c.protocol, seed)
+    return StageContext(_openmm_system(model, system_name), c.protocol, seed)
+
+
 def _bonds(system) -> np.ndarray:
     return np.array([(a.index, b.index) for a, b in system.topology.bonds()], dtype=int).reshape(-1, 2)
 
@@ -213,7 +238,7 @@ def run_task(c: Campaign, system_name: str, seed: int, model: ModelRef) -> dict:
     from nnpq.validation.runs import temperature_k
 
     system = get_system(system_name)
-    runner = StageContext(_openmm_system(model, system_name), c.protocol, seed)
+    runner = _engine(c, model, system_name, seed)
     start, run_key = _load_start(c, system_name, seed), _run_key(c, system_name, seed, model)
     stages, nvt = {}, None
     for stage in c.protocol.stages():
