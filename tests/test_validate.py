@@ -36,7 +36,7 @@ def test_cli_systems_lists_catalogue(capsys):
 def test_cli_quantize_writes_file_and_table(tmp_path, capsys):
     out = tmp_path / "e.nnpq"
     argv = ["quantize", "ani2x", "-o", str(out), "--rounding", "nearest", "--weight", "int8/channel",
-            "--calibration-systems", "ethanol", "--no-library", "--no-baselines", "-q"]
+            "--calibration-systems", "ethanol", "--no-library", "--no-baselines", "--min-coverage", "0", "-q"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert out.is_file() and out.stat().st_size < 16e6  # 55 MB of FP32 -> about 14 MB
