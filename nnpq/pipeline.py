@@ -421,9 +421,10 @@ def format_result(result: QuantizeResult) -> str:
                      f"{result.budget['proxy_spearman']:.3f}")
         if "latency" in result.budget:
             lat = result.budget["latency"]
-            lines.append(f"latency objective ({lat['mode']} mode, timed here at {lat['atoms_per_element']} atoms per "
-                         f"element): predicted {lat['predicted_ms']:.2f} ms per call in the hidden layers' "
-                         "format-dependent work; choice: " + ", ".join(f"{u} {c}" for u, c in result.budget["choice"].items()))
+            lines.append(f"latency objective ({lat['mode']} mode, timed here with {lat['atoms_per_element']} atoms of each "
+                         f"element): the hidden layers' weight preparation and products predicted at "
+                         f"{lat['predicted_ms']:.1f} ms per call; choice: "
+                         + ", ".join(f"{u} {c}" for u, c in result.budget["choice"].items()))
     if result.files:
         lines.append("files: " + ", ".join(str(f) for f in result.files))
     return "\n".join(lines)
