@@ -10,6 +10,7 @@ call (CUDA: the allocator's peak; CPU: the profiler's memory events).
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -39,6 +40,7 @@ class BenchRow:
     peak_memory_mb: float | None
     repeats: int
     speedup_vs_openmm_ml: float | None = None  # md-step rows: openmm-ml's step time over this one
+    model: str | None = None  # nnpq rows: the .nnpq file's name (or the FP32 model's); None for peers
 
 
 def replicated(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -139,10 +141,11 @@ def _md_step_timer(system_name: str, make_system: Callable, device: str, steps: 
     return call
 
 
-def run_bench(model: str, device: str = "cpu", systems: tuple[str, ...] = DEFAULT_SYSTEMS,
+def run_bench(model: str | list[str], device: str = "cpu", systems: tuple[str, ...] = DEFAULT_SYSTEMS,
               modes: tuple[str, ...] = ("exact", "fast"), repeats: int = 5, md_steps: bool = True,
               progress: bool = False) -> list[BenchRow]:
-    """Time every runtime on every system, interleaved; see the module docstring."""
+    """Time every runtime on every system, interleaved; see the module docstring. Several ``.nnpq``
+    files of one FP32 model (plans to compare) are timed in the same interleaved rounds."""
     from tqdm import tqdm
 
     from nnpq.models import load_potential, model_spec
@@ -153,8 +156,12 @@ def run_bench(model: str, device: str = "cpu", systems: tuple[str, ...] = DEFAUL
         raise NnpqError(f"unknown device '{device}'; use cpu or cuda")
     if repeats < 1:
         raise NnpqError("--repeats must be at least 1")
-    quantized = model.endswith(".nnpq")
-    fp32_name = load_potential(model).model_name if quantized else model_spec(model).name
+    models = [model] if isinstance(model, str) else list(model)
+    files = [m for m in models if m.endswith(".nnpq")]
+    names = {load_potential(m).model_name for m in files} or {model_spec(models[0]).name}
+    if len(names) > 1 or len(files) < len(models) > 1:
+        raise NnpqError(f"bench compares .nnpq files of one FP32 model; got {', '.join(models)}")
+    fp32_name = names.pop()
     spec = model_spec(fp32_name)
     rows: list[BenchRow] = []
     for name in tqdm(systems, desc="bench systems", disable=not progress):
@@ -162,17 +169,19 @@ def run_bench(model: str, device: str = "cpu", systems: tuple[str, ...] = DEFAUL
         neighborlist = "cell_list" if cell is not None else "all_pairs"
         stock = spec.loader(neighborlist=neighborlist).to(device).eval()
         infer = spec.loader(neighborlist=neighborlist).to(device).eval().to_infer_model()
-        runtimes: dict[tuple[str, str | None], tuple[Callable[[], None], float]] = {
-            ("torchani-fp32", None): (_torchani_call(stock, numbers, positions, cell, device), _resident_mb(stock)),
-            ("torchani-fp32-infer", None): (_torchani_call(infer, numbers, positions, cell, device), _resident_mb(infer)),
+        Key = tuple[str, str | None, str | None]  # runtime, mode, model
+        runtimes: dict[Key, tuple[Callable[[], None], float]] = {
+            ("torchani-fp32", None, None): (_torchani_call(stock, numbers, positions, cell, device), _resident_mb(stock)),
+            ("torchani-fp32-infer", None, None): (_torchani_call(infer, numbers, positions, cell, device),
+                                                  _resident_mb(infer)),
         }
         # nnpq fp32: the fused runtime on the published weights (exact mode, labelled fp32)
-        loads = [("fp32", fp32_name, "exact")] + [(m, model, m) for m in modes if quantized]
+        loads = [("fp32", fp32_name, "exact")] + [(m, f, m) for f in files for m in modes]
         for label, source, mode in loads:
             potential = load_potential(source, neighborlist, mode=mode, device=device)
-            runtimes[("nnpq", label)] = (_potential_call(potential, numbers, positions, cell, device),
-                                         _resident_mb(potential))
-        times: dict[tuple[str, str | None], list[float]] = {k: [] for k in runtimes}
+            runtimes[("nnpq", label, Path(source).name)] = (
+                _potential_call(potential, numbers, positions, cell, device), _resident_mb(potential))
+        times: dict[Key, list[float]] = {k: [] for k in runtimes}
         for call, _ in runtimes.values():  # warm-up: first calls compile, allocate, tune
             call()
             call()
@@ -183,49 +192,52 @@ def run_bench(model: str, device: str = "cpu", systems: tuple[str, ...] = DEFAUL
                 call()
                 _sync(device)
                 times[key].append((time.perf_counter() - start) * 1e3)
-        base = statistics.median(times[("torchani-fp32", None)])
-        for (runtime, mode), (call, resident) in runtimes.items():
-            ms = statistics.median(times[(runtime, mode)])
+        base = statistics.median(times[("torchani-fp32", None, None)])
+        for (runtime, mode, source), (call, resident) in runtimes.items():
+            ms = statistics.median(times[(runtime, mode, source)])
             rows.append(BenchRow(name, len(numbers), device, runtime, mode, "call", ms, base / ms,
-                                 resident + _peak_transient_mb(call, device), repeats))
+                                 resident + _peak_transient_mb(call, device), repeats, model=source))
         if md_steps and name in ("alanine-dipeptide", "water-box"):
-            rows += _md_rows(name, model if quantized else fp32_name, fp32_name, modes if quantized else (),
-                             device, repeats)
+            rows += _md_rows(name, files, fp32_name, modes, device, repeats)
     return rows
 
 
-def _md_rows(name: str, model: str, fp32_name: str, modes: tuple[str, ...], device: str, repeats: int) -> list[BenchRow]:
-    """Per-step time of openmm-ml's MLPotential(fp32 name) and of nnpq's OpenMM force in each mode."""
+def _md_rows(name: str, files: list[str], fp32_name: str, modes: tuple[str, ...], device: str,
+             repeats: int) -> list[BenchRow]:
+    """Per-step time of openmm-ml's MLPotential(fp32 name) and of nnpq's OpenMM force for each file and mode."""
     from openmmml import MLPotential
 
     from nnpq.md.openmm import create_system
 
     n_atoms = get_system(name).n_atoms
-    timers: dict[tuple[str, str | None], Callable[[], None]] = {
-        ("openmm-ml-" + fp32_name, None): _md_step_timer(name, MLPotential(fp32_name).createSystem, device, 1)}
-    for mode in modes:
-        timers[("nnpq", mode)] = _md_step_timer(name, lambda top, mode=mode: create_system(top, model, mode=mode),
-                                                device, 1)
-    times: dict[tuple[str, str | None], list[float]] = {k: [] for k in timers}
+    peer = ("openmm-ml-" + fp32_name, None, None)
+    timers: dict[tuple[str, str | None, str | None], Callable[[], None]] = {
+        peer: _md_step_timer(name, MLPotential(fp32_name).createSystem, device, 1)}
+    for file in files:
+        for mode in modes:
+            timers[("nnpq", mode, Path(file).name)] = _md_step_timer(
+                name, lambda top, file=file, mode=mode: create_system(top, file, mode=mode), device, 1)
+    times: dict[tuple[str, str | None, str | None], list[float]] = {k: [] for k in timers}
     for _ in range(repeats):
         for key, call in timers.items():
             start = time.perf_counter()
             call()
             times[key].append((time.perf_counter() - start) * 1e3)
-    base = statistics.median(times[("openmm-ml-" + fp32_name, None)])
+    base = statistics.median(times[peer])
     return [BenchRow(name, n_atoms, device, runtime, mode, "md-step", statistics.median(t), None, None, repeats,
-                     base / statistics.median(t)) for (runtime, mode), t in times.items()]
+                     base / statistics.median(t), model) for (runtime, mode, model), t in times.items()]
 
 
 def format_rows(rows: list[BenchRow]) -> str:
     """The terminal table: one line per system, runtime and mode."""
-    lines = [f"{'system':<18}{'atoms':>7}{'device':>7}  {'runtime':<22}{'mode':<7}{'what':<8}{'ms':>10}"
+    lines = [f"{'system':<18}{'atoms':>7}{'device':>7}  {'runtime':<22}{'model':<16}{'mode':<7}{'what':<8}{'ms':>10}"
              f"{'x TorchANI':>11}{'x openmm-ml':>12}{'peak MB':>9}"]
     for r in rows:
         ratio = f"{r.speedup_vs_torchani_fp32:>11.2f}" if r.speedup_vs_torchani_fp32 is not None else f"{'':>11}"
         step = f"{r.speedup_vs_openmm_ml:>12.2f}" if r.speedup_vs_openmm_ml is not None else f"{'':>12}"
         peak = f"{r.peak_memory_mb:>9.1f}" if r.peak_memory_mb is not None else f"{'':>9}"
-        lines.append(f"{r.system:<18}{r.atoms:>7}{r.device:>7}  {r.runtime:<22}{r.mode or '-':<7}{r.what:<8}"
+        lines.append(f"{r.system:<18}{r.atoms:>7}{r.device:>7}  {r.runtime:<22}{(r.model or '-')[:15]:<16}"
+                     f"{r.mode or '-':<7}{r.what:<8}"
                      f"{r.ms_per_call:>10.2f}{ratio}{step}{peak}")
     return "\n".join(lines)
 

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="time energy+forces per call and per MD step against FP32 TorchANI")
-    p.add_argument("model", help="a .nnpq file (or an FP32 model name for the FP32 rows only)")
+    p.add_argument("model", nargs="+", help=".nnpq files of one FP32 model, timed in the same rounds (or an FP32 "
+                   "model name for the FP32 rows only)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--systems", nargs="+", metavar="NAME",
                    help="built-in systems, or water-box-2x / water-box-3x (4,440 / 14,985 atoms); "

@@ -29,9 +29,10 @@ def test_bench_rows_carry_the_fields_and_same_run_ratios(w8_path, tmp_path):
     data = json.loads(json.dumps(rows_to_json(rows)))
     keys = {"system", "atoms", "device", "runtime", "mode", "ms_per_call", "speedup_vs_torchani_fp32", "peak_memory_mb"}
     assert all(keys <= set(r) for r in data)
-    found = {(r["runtime"], r["mode"]) for r in data}
-    assert found == {("torchani-fp32", None), ("torchani-fp32-infer", None), ("nnpq", "fp32"), ("nnpq", "exact"),
-                     ("nnpq", "fast")}
+    found = {(r["runtime"], r["mode"], r["model"]) for r in data}
+    name = w8_path.name
+    assert found == {("torchani-fp32", None, None), ("torchani-fp32-infer", None, None), ("nnpq", "fp32", "ani2x"),
+                     ("nnpq", "exact", name), ("nnpq", "fast", name)}
     base = next(r for r in data if r["runtime"] == "torchani-fp32")["ms_per_call"]
     for r in data:
         assert r["atoms"] == 22 and r["device"] == "cpu" and r["ms_per_call"] > 0 and r["peak_memory_mb"] > 0
