@@ -263,3 +263,17 @@ def test_cpp_verlet_list_is_reused_and_gives_the_same_aev(ani2x, name):
         # do not depend on when the list was built (serial and parallel campaigns agree)
         fresh = FastAEV.from_torchani(ani2x[1], backend="cpp")
         assert torch.equal(out, fresh(species, moved, cell))
+
+
+def test_cpp_kernel_takes_other_models_constants():
+    """ANI-1x's AEV sizes (4 species) go through the kernel's generic instantiation (ANI-2x's are
+    specialised): it must equal the torch backend there too."""
+    _require("cpp")
+    ani1x = assemble_architecture("ani1x", neighborlist="all_pairs")
+    computer = ani1x.potentials["nnp"].aev_computer
+    s = get_system("ethanol")
+    species = ani1x.species_converter(torch.tensor(s.atomic_numbers)[None])[0]
+    pos = torch.tensor(s.positions, dtype=torch.float32)
+    out = FastAEV.from_torchani(computer, backend="cpp")(species, pos, None)
+    torch.testing.assert_close(out, FastAEV.from_torchani(computer, backend="torch")(species, pos, None),
+                               rtol=1e-5, atol=1e-6)

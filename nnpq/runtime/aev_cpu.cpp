@@ -222,7 +222,7 @@ template <typename T> struct KT {
 // Angle terms of one triple: half[z] = (1 + cos(theta - theta_z)) / 2, an[z] = 2 half^zeta, ex[q] = exp(-eta (mean - shift_q)^2).
 template <typename T, int NR, int NA, int NZ>
 inline void triple_terms(const Consts& k, const KT<T>& t, T c, T s, T mean, T* half, T* an, T* ex) {
-  const int64_t n_rs = NR ? NR : n_rs, n_as = NA ? NA : n_as, n_sec = NZ ? NZ : n_sec;
+  const int64_t n_rs = NR ? NR : k.n_rs, n_as = NA ? NA : k.n_as, n_sec = NZ ? NZ : k.n_sec;
   (void)n_rs;
 #pragma omp simd
   for (int64_t z = 0; z < n_sec; ++z) half[z] = T(0.5) * (T(1) + c * t.cs[z] + s * t.sn[z]);
@@ -235,7 +235,7 @@ inline void triple_terms(const Consts& k, const KT<T>& t, T c, T s, T mean, T* h
 template <typename T, int NR, int NA, int NZ>
 void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* out,
                     T* cache, const int64_t* tri_off) {
-  const int64_t n_rs = NR ? NR : n_rs, n_as = NA ? NA : n_as, n_sec = NZ ? NZ : n_sec;
+  const int64_t n_rs = NR ? NR : k.n_rs, n_as = NA ? NA : k.n_as, n_sec = NZ ? NZ : k.n_sec;
   (void)n_rs;
   const int64_t stride = n_sec + n_as;
   const KT<T> t(k);
@@ -281,7 +281,7 @@ void forward_kernel(const Consts& k, const T* vec, const int64_t* off, const int
 template <typename T, int NR, int NA, int NZ>
 void backward_kernel(const Consts& k, const T* g, const T* vec, const int64_t* off, const int64_t* j, const int64_t* sp, int64_t n, T* gv,
                      const T* cache, const int64_t* tri_off) {
-  const int64_t n_rs = NR ? NR : n_rs, n_as = NA ? NA : n_as, n_sec = NZ ? NZ : n_sec;
+  const int64_t n_rs = NR ? NR : k.n_rs, n_as = NA ? NA : k.n_as, n_sec = NZ ? NZ : k.n_sec;
   (void)n_rs;
   const int64_t stride = n_sec + n_as;
   const KT<T> t(k);

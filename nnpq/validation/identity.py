@@ -48,14 +48,20 @@ def runtime_modes() -> tuple[str, ...]:
     return MODES
 
 
-@functools.lru_cache(maxsize=None)
 def _fp32_sha256(name: str) -> str:
-    from nnpq.models.fp32 import _missing_weights_message, file_sha256, model_spec, weights_path
+    from nnpq.models.fp32 import _missing_weights_message, model_spec, weights_path
 
-    path = weights_path(name)
+    path = weights_path(name)  # looked up on every call: TORCHANI_DATA_DIR may have changed
     if not path.is_file():  # the one message every command gives for missing weights
         raise NnpqError(_missing_weights_message(model_spec(name), path))
-    return file_sha256(path)
+    return _file_sha256(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, mtime_ns: int) -> str:
+    from nnpq.models.fp32 import file_sha256
+
+    return file_sha256(Path(path))
 
 
 def reference_ref(name: str) -> ModelRef:
