@@ -32,11 +32,11 @@ from nnpq.atomic_io import write_bytes_atomic
 from nnpq.errors import NnpqError
 from nnpq.models.fp32 import MODEL_SPECS, assemble_architecture, n_layers
 from nnpq.spec.formats import ACTIVATION_MODES, ACTIVATION_RANGES, GRANULARITIES, KINDS, code_range
-from nnpq.spec.packing import pack_codes, unpack_codes
+from nnpq.spec.packing import CODED, PACKED, decode_codes, store_codes, stored_code_bytes, unpack_codes
 from nnpq.spec.plan import QuantPlan
 
 FORMAT_NAME = "nnpq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integer codes may be entropy-coded (coded_shapes)
 MANIFEST_KEY = "nnpq_manifest"
 MAX_HEADER_BYTES = 100_000_000  # an ANI-2x header is ~0.2 MB; a larger claim is damage or an attack
 FIX = "re-create it with 'nnpq quantize'"
@@ -58,16 +58,25 @@ class Artifact:
 _LAYER_TENSOR = re.compile(r"members\.(\d+)\.atomics\.(\w+)\.(?:layers\.(\d+)|final_layer)\.(\w+)$")
 
 
-def _narrow_codes(tensors: dict[str, torch.Tensor], plan: QuantPlan, n_hidden: int):
-    """``(key, bits, lowest)`` of every code tensor whose format is narrower than 8 bits."""
+def _code_tensors(tensors: dict[str, torch.Tensor], plan: QuantPlan, n_hidden: int):
+    """``(key, bits, lowest)`` of every integer code tensor (``qweight`` of an integer layer)."""
     for key in tensors:
         match = _LAYER_TENSOR.search(key)
         if match is None or match[4] != "qweight":
             continue
         member, element, layer = int(match[1]), match[2], match[3]
         fmt = plan.format_for(member, element, n_hidden if layer is None else int(layer))
-        if fmt.is_integer and fmt.bits < 8:
+        if fmt.is_integer:
             yield key, fmt.bits, code_range(fmt)[0]
+
+
+def stored_tensor_bytes(model: torch.nn.Module, plan: QuantPlan) -> int:
+    """Bytes of tensor data ``save_artifact`` would write for ``model`` (codes as `store_codes`
+    stores them; header and manifest not included)."""
+    tensors = model.state_dict()
+    codes = {key: bits for key, bits, _ in _code_tensors(tensors, plan, n_layers(model) - 1)}
+    return sum(stored_code_bytes(t, codes[k]) if k in codes else t.numel() * t.element_size()
+               for k, t in tensors.items())
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -94,10 +103,12 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
     """
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     n_hidden = n_layers(model) - 1
-    shapes = {}
-    for key, bits, lowest in list(_narrow_codes(tensors, plan, n_hidden)):
-        shapes[key] = list(tensors[key].shape)
-        tensors[key] = pack_codes(tensors[key], bits, lowest)
+    shapes: dict[str, dict[str, list[int]]] = {PACKED: {}, CODED: {}}
+    for key, bits, lowest in list(_code_tensors(tensors, plan, n_hidden)):
+        how, stored = store_codes(tensors[key], bits, lowest)
+        if how is not None:
+            shapes[how][key] = list(tensors[key].shape)
+            tensors[key] = stored
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -106,7 +117,8 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         "source": source,
         "plan": plan.to_dict(),
         "tensors_sha256": tensors_sha256(tensors),
-        "packed_shapes": shapes,
+        "packed_shapes": shapes[PACKED],
+        "coded_shapes": shapes[CODED],
         "metrics": metrics or {},
     }
     if domain is not None:
@@ -286,7 +298,7 @@ def _check_manifest(manifest: Any, name: str) -> QuantPlan:
     if version < 1:
         raise _damaged(name, f"format_version {version} is not a format version; nnpq writes 1 to {FORMAT_VERSION}")
     fields.only({"format", "format_version", "nnpq_version", "created", "source", "plan", "tensors_sha256",
-                 "packed_shapes", "metrics", "domain"})
+                 "packed_shapes", "coded_shapes", "metrics", "domain"})
     if "domain" in manifest:
         _check_domain(fields.get("domain", "an object"), manifest.get("source", {}), name)
     fields.get("nnpq_version", "a string")
@@ -294,10 +306,10 @@ def _check_manifest(manifest: Any, name: str) -> QuantPlan:
     fields.get("tensors_sha256", "a string", check=lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
                expect="64 hexadecimal digits")
     fields.get("metrics", "an object", {})
-    packed = fields.get("packed_shapes", "an object", {})
-    for key, shape in packed.items():
-        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-            raise _damaged(name, f"packed_shapes[{_show(key)}] must be a list of sizes, got {_show(shape)}")
+    for field in ("packed_shapes", "coded_shapes"):
+        for key, shape in fields.get(field, "an object", {}).items():
+            if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+                raise _damaged(name, f"{field}[{_show(key)}] must be a list of sizes, got {_show(shape)}")
     raw_source = fields.get("source", "an object")
     source = _Fields(raw_source, "source.", name, set(raw_source))
     source.get("model", "a string", check=lambda v: v in MODEL_SPECS, expect=f"one of {', '.join(MODEL_SPECS)}")
@@ -414,7 +426,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], plan: QuantPlan,
                              name: str) -> dict[str, torch.Tensor]:
-    """Narrow codes unpacked; then every tensor's name, dtype and shape exactly as the layout says."""
+    """Integer codes unpacked or decoded; then every tensor's name, dtype and shape exactly as the layout says."""
     model_name = manifest["source"]["model"]
     arch = _architecture(model_name)
     layout = _layout(model_name, json.dumps(plan.to_dict()["rules"], sort_keys=True))  # only rules shape it
@@ -428,28 +440,41 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
         more = len(missing or extra) - 1
         raise misfit(f"{'missing' if missing else 'unexpected'} tensor {_show(key)[1:-1]}"
                      + (f" and {more} more" if more else ""))
-    packed = manifest.get("packed_shapes", {})
-    narrow = {}
+    packed, coded = manifest.get("packed_shapes", {}), manifest.get("coded_shapes", {})
+    codes = {}  # integer code tensors: narrow ones must be packed or coded, 8-bit ones may be coded
     for key in layout.shapes:
         where = _layer_of(key, arch)
         if where is not None and where[1] == "qweight":
-            fmt = plan.format_for(*where[0])
-            if fmt.bits < 8:
-                narrow[key] = fmt
-    if set(packed) != set(narrow):
-        odd = sorted(set(packed) ^ set(narrow))[0]
-        raise _damaged(name, f"packed_shapes {'lacks' if odd in narrow else 'has a stray entry for'} {_show(odd)[1:-1]}")
+            codes[key] = plan.format_for(*where[0])
+    for field, entries in (("packed_shapes", packed), ("coded_shapes", coded)):
+        stray = sorted(k for k in entries if k not in codes or (field == "packed_shapes" and codes[k].bits == 8)
+                       or (field == "packed_shapes" and k in coded))
+        if stray:
+            raise _damaged(name, f"{field} has a stray entry for {_show(stray[0])[1:-1]}")
+    narrow = sorted(k for k, fmt in codes.items() if fmt.bits < 8 and k not in packed and k not in coded)
+    if narrow:
+        raise _damaged(name, f"packed_shapes lacks {_show(narrow[0])[1:-1]}")
     out = dict(tensors)
-    for key, fmt in narrow.items():
-        shape, _ = layout.shapes[key]
-        if tuple(packed[key]) != shape:
-            given = packed[key] if len(packed[key]) <= 8 else f"a list of {len(packed[key])} sizes"
-            raise _damaged(name, f"packed_shapes[{key!r}] is {given}, the layer is {list(shape)}")
-        nbytes = (math.prod(shape) * fmt.bits + 7) // 8
-        t = tensors[key]
-        if t.dtype != torch.uint8 or tuple(t.shape) != (nbytes,):
-            raise misfit(f"packed codes {key} are {_dtype_name(t.dtype)} {list(t.shape)}, expected uint8 [{nbytes}]")
-        out[key] = unpack_codes(t, fmt.bits, code_range(fmt)[0], shape)
+    for field, entries in (("packed_shapes", packed), ("coded_shapes", coded)):
+        for key, given in entries.items():
+            fmt, (shape, _) = codes[key], layout.shapes[key]
+            if tuple(given) != shape:
+                shown = given if len(given) <= 8 else f"a list of {len(given)} sizes"
+                raise _damaged(name, f"{field}[{key!r}] is {shown}, the layer is {list(shape)}")
+            t = tensors[key]
+            if field == "packed_shapes":
+                nbytes = (math.prod(shape) * fmt.bits + 7) // 8
+                if t.dtype != torch.uint8 or tuple(t.shape) != (nbytes,):
+                    raise misfit(f"packed codes {key} are {_dtype_name(t.dtype)} {list(t.shape)}, "
+                                 f"expected uint8 [{nbytes}]")
+                out[key] = unpack_codes(t, fmt.bits, code_range(fmt)[0], shape)
+                continue
+            if t.dtype != torch.uint8 or t.dim() != 1:
+                raise misfit(f"coded codes {key} are {_dtype_name(t.dtype)} {list(t.shape)}, expected a uint8 stream")
+            try:
+                out[key] = decode_codes(t, shape)
+            except ValueError as exc:
+                raise _damaged(name, f"coded codes {key}: {exc}") from None
     for key, (shape, dtype) in layout.shapes.items():
         t = out[key]
         if t.dtype != dtype or tuple(t.shape) != shape:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torchani
 
-from nnpq.artifact import save_artifact
+from nnpq.artifact import save_artifact, stored_tensor_bytes
 from nnpq.atomic_io import write_text_atomic
 from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, Potential, load_fp32, model_spec
@@ -33,7 +33,7 @@ from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_ca
 from nnpq.spec.formats import INT8_CHANNEL, INT8_G8_ASYM, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
 from nnpq.spec.plan import PlanRule, QuantPlan, require_known_elements, uniform_plan
 from nnpq.quant.refit import RefitSettings, refit
-from nnpq.quant.sensitivity import DEFAULT_CANDIDATES, unit_bytes
+from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 from nnpq.runtime.potential import runtime_from_tensors
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
@@ -130,12 +130,6 @@ def _fp32_bytes_plus(fp32: torch.nn.Module, layer_change) -> float:
     return total + sum(layer_change(key, lin) for key, lin in hidden_and_final_layers(fp32).items())
 
 
-def stored_bytes(plan: QuantPlan, fp32: torch.nn.Module) -> float:
-    """Size of a plan's model on disk: every weight at its format's bits, equalization factors, the rest FP32."""
-    return _fp32_bytes_plus(fp32, lambda key, lin: lin.weight.numel() * (
-        plan.format_for(*key).bits_per_weight(lin.in_features) / 8 - 4) + 4 * lin.in_features * plan.equalize_for(*key))
-
-
 def source_info(model_name: str) -> dict[str, Any]:
     """The manifest's description of the FP32 source: name, weights file and its sha256, TorchANI version."""
     spec = model_spec(model_name)
@@ -155,15 +149,21 @@ def file_overhead_bytes(fp32: torch.nn.Module) -> float:
 
 def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
                    equalized: tuple[int, ...] = EQUALIZED_LAYERS) -> float:
-    """Size of the smallest plan the candidates allow: each hidden layer at its cheapest format,
-    with the equalization factors (float32 per input) of integer ``equalized`` layers."""
+    """About the size of the smallest plan the candidates allow: each hidden layer in its
+    narrowest candidate, rounded to nearest and stored as a model file stores its codes (GPTQ's
+    codes take about as many bytes), with the float32 equalization factors of ``equalized`` layers."""
+    from nnpq.quant.quantizers import quantize_nearest
+
     final = n_layers(fp32) - 1  # the width-1 final layers stay FP32
 
     def change(key, lin) -> float:
         if key[2] == final:
             return 0.0
-        cheapest = min(candidates, key=lambda f: f.bits_per_weight(lin.in_features))
-        return unit_bytes(cheapest, [tuple(lin.weight.shape)], key[2] in equalized) - 4 * lin.weight.numel()
+        narrowest = min(candidates, key=lambda f: f.bits_per_weight(lin.in_features))
+        if not narrowest.is_integer:
+            return (narrowest.bits_per_weight(lin.in_features) / 8 - 4) * lin.weight.numel()
+        stored = quantize_nearest(lin.weight.detach(), narrowest).stored_bytes(narrowest)
+        return stored + 4 * lin.in_features * (key[2] in equalized) - 4 * lin.weight.numel()
 
     return _fp32_bytes_plus(fp32, change)
 
@@ -184,16 +184,16 @@ def coverage_plan(weight: TensorFormat, activation: ActivationFormat, method: st
         f"< {100 * min_coverage:.0f}%)"))
 
 
-def _heldout_row(model, plan: QuantPlan, fp32, calib: CalibrationSet, reference: dict[str, Outputs], label: str,
-                 model_name: str) -> dict:
+def _heldout_row(model, plan: QuantPlan, nbytes: float, calib: CalibrationSet, reference: dict[str, Outputs],
+                 label: str, model_name: str) -> dict:
     """Held-out errors of a quantized ``model`` (TorchANI layers, or a loaded potential such as the
     fused runtime in fast mode) against the FP32 ``reference`` outputs, in distribution (held-out
-    frames of calibrated systems) and on held-out chemistry (``chemistry``), with the plan's size."""
+    frames of calibrated systems) and on held-out chemistry (``chemistry``), with its tensor bytes."""
     potential = model if isinstance(model, Potential) else ANIPotential(model, label, model_name)
     errors = set_errors(reference["holdout"], outputs_on(potential, calib.holdout), calib.holdout)
     if calib.chemistry:
         errors["chemistry"] = set_errors(reference["chemistry"], outputs_on(potential, calib.chemistry), calib.chemistry)
-    return {**errors, "bytes": stored_bytes(plan, fp32), "description": plan.description}
+    return {**errors, "bytes": nbytes, "description": plan.description}
 
 
 def rtn_weights(fp32: torch.nn.Module, fmt: TensorFormat) -> dict:
@@ -330,21 +330,23 @@ def quantize_to_file(model_name: str, output: str | os.PathLike, options: Quanti
                  "chemistry": outputs_on(reference_potential, calib.chemistry)}
     heldout = {}
     refit_loss: list[float] = []
+    nbytes = stored_tensor_bytes(quantized, plan)
     if options.refit.steps > 0:
-        heldout["before refit"] = _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name)
+        heldout["before refit"] = _heldout_row(quantized, plan, nbytes, calib, reference, output.name, spec.name)
         refit_loss = refit(quantized, spec.name, calib.calibration, outputs_on(reference_potential, calib.calibration),
                            options.refit, progress, seed)
     # the fast runtime mode (INT8 layer 0, bfloat16 later layers) of the same weights, as it will run
     fast = runtime_from_tensors(spec.name, plan, quantized.state_dict(), output.name, mode="fast")
-    heldout = {"this plan": _heldout_row(quantized, plan, fp32, calib, reference, output.name, spec.name),
-               "this plan, fast mode": _heldout_row(fast, plan, fp32, calib, reference, output.name, spec.name),
+    heldout = {"this plan": _heldout_row(quantized, plan, nbytes, calib, reference, output.name, spec.name),
+               "this plan, fast mode": _heldout_row(fast, plan, nbytes, calib, reference, output.name, spec.name),
                **heldout}
     if options.baselines:
         for name, fmt, activation, method in BASELINES:
             rounding = RoundingSettings(method, options.rounding.force_weight, damp=options.rounding.damp)
             baseline = uniform_plan(fmt, activation=activation, rounding=method)
             model = quantize_model(fp32, baseline, rounding, calib.calibration, seed)
-            heldout[name] = _heldout_row(model, baseline, fp32, calib, reference, name, spec.name)
+            heldout[name] = _heldout_row(model, baseline, stored_tensor_bytes(model, baseline), calib, reference,
+                                         name, spec.name)
     # per-molecule breakdowns stay in the printed table: hundreds of entries would crowd the size budget
     stored = {name: {k: ({kk: vv for kk, vv in v.items() if kk != "per_molecule"} if k == "chemistry" else v)
                      for k, v in row.items() if k != "per_molecule"} for name, row in heldout.items()}

@@ -70,13 +70,24 @@ def _rewrite_manifest(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def _rewrite_tensors(src: Path, dst: Path, edit) -> Path:
-    """Copy ``src`` to ``dst`` with ``edit(tensors)`` applied to the stored tensors and the checksum
-    recomputed, so that only the loader's own checks can catch the change."""
+def _rewrite_tensors(src: Path, dst: Path, edit, stored: bool = False) -> Path:
+    """Copy ``src`` to ``dst`` with ``edit(tensors)`` applied and the checksum recomputed, so that
+    only the loader's own checks can catch the change. ``edit`` sees entropy-coded codes decoded
+    (and int8 results are coded again; others are left plain), or with ``stored`` the bytes as stored."""
+    from nnpq.spec.packing import decode_codes, encode_codes
+
     data = src.read_bytes()
     manifest = json.loads(_header(data)["__metadata__"][MANIFEST_KEY])
     tensors = safetensors.torch.load(data)
+    coded = {} if stored else manifest.get("coded_shapes", {})
+    for key, shape in coded.items():
+        tensors[key] = decode_codes(tensors[key], tuple(shape))
     edit(tensors)
+    for key in list(coded):
+        if tensors[key].dtype == torch.int8:
+            tensors[key] = encode_codes(tensors[key])
+        else:
+            del manifest["coded_shapes"][key]
     manifest["tensors_sha256"] = tensors_sha256(tensors)
     dst.write_bytes(safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)}))
     return dst
@@ -136,7 +147,8 @@ def test_save_and_read_back(tmp_path, in_memory_w8):
     assert set(artifact.tensors) == set(state)
     for key, value in state.items():
         assert torch.equal(artifact.tensors[key], value), key
-    assert artifact.manifest["tensors_sha256"] == tensors_sha256(state)
+    with safe_open(str(path), "pt") as f:  # the checksum covers the tensors as stored (codes coded)
+        assert artifact.manifest["tensors_sha256"] == tensors_sha256({k: f.get_tensor(k) for k in f.keys()})
 
 
 # --- manifest and on-disk layout -----------------------------------------------------------
@@ -145,7 +157,7 @@ def test_manifest_contents(w8_path):
     artifact = read_artifact(w8_path)
     manifest = artifact.manifest
     assert manifest["format"] == "nnpq"
-    assert manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["format_version"] == FORMAT_VERSION == 2
     assert manifest["nnpq_version"] == nnpq.__version__
     assert manifest["source"]["model"] == "ani2x" == artifact.model_name
     assert manifest["source"]["state_dict_file"] == "ani2x_state_dict.pt"
@@ -153,9 +165,10 @@ def test_manifest_contents(w8_path):
     assert file_sha256(weights_path("ani2x")) == ANI2X_STATE_DICT_SHA256
     assert artifact.plan == default_plan()
     assert QuantPlan.from_dict(manifest["plan"]) == default_plan()
-    assert manifest["tensors_sha256"] == tensors_sha256(artifact.tensors)
-    # 8-bit codes are stored as int8 as they are; only narrower codes are bit-packed
-    assert manifest["packed_shapes"] == {}
+    with safe_open(str(w8_path), "pt") as f:  # over the tensors as stored
+        assert manifest["tensors_sha256"] == tensors_sha256({k: f.get_tensor(k) for k in f.keys()})
+    # per-channel INT8 codes are entropy-coded; only narrower codes are ever bit-packed
+    assert manifest["packed_shapes"] == {} and len(manifest["coded_shapes"]) == 8 * 7 * 3
     assert manifest["metrics"] == {}  # saved without an evaluation (the pipeline tests cover metrics)
 
 
@@ -169,19 +182,20 @@ def test_file_is_safetensors_with_int8_codes(w8_path):
     header = json.loads(data[8:8 + size])
     assert MANIFEST_KEY in header["__metadata__"]
 
+    coded = json.loads(header["__metadata__"][MANIFEST_KEY])["coded_shapes"]
     with safe_open(str(w8_path), framework="pt") as fh:
         keys = list(fh.keys())
         qweights = [k for k in keys if k.endswith(".qweight")]
         assert len(qweights) == 8 * 7 * 3
-        for key in qweights[:: 21]:
-            assert fh.get_tensor(key).dtype == torch.int8, key
+        for key in qweights[:: 21]:  # per-channel INT8 codes: entropy-coded uint8 streams of the int8 codes
+            assert key in coded and fh.get_tensor(key).dtype == torch.uint8, key
             assert fh.get_tensor(key[: -len("qweight")] + "scale").dtype == torch.float32
-        assert fh.get_slice(qweights[0]).get_dtype() == "I8"
-        assert header[qweights[-1]]["dtype"] == "I8"
+        assert header[qweights[-1]]["dtype"] == "U8"
         # final layers are kept as FP32 Linear weights
         assert any(k.endswith("final_layer.weight") and header[k]["dtype"] == "F32" for k in keys)
-    # INT8 weights take ~1/4 of the FP32 state dict on disk (measured 13.9 MB vs 54.8 MB of networks)
-    assert len(data) < 0.3 * weights_path("ani2x").stat().st_size
+    assert all(read_artifact(w8_path).tensors[k].dtype == torch.int8 for k in qweights)
+    # coded INT8 weights take ~1/5 of the FP32 state dict on disk (measured 10.6 MB vs 54.8 MB of networks)
+    assert len(data) < 0.22 * weights_path("ani2x").stat().st_size
 
 
 # --- bad files -----------------------------------------------------------------------------
@@ -325,7 +339,9 @@ def test_narrow_codes_are_bit_packed_and_round_trip(w4_path):
     plan = uniform_plan(TensorFormat("int", 4, "group", 32, False))
     model = quantize_model(load_fp32("ani2x"), plan)
     assert w4_path.stat().st_size < 10e6  # int8 storage of the same codes would take ~14 MB
-    assert len(read_artifact(w4_path).manifest["packed_shapes"]) == 8 * 7 * 3
+    manifest = read_artifact(w4_path).manifest  # each layer packed, or coded where that is 5% smaller
+    assert len(manifest["packed_shapes"]) + len(manifest["coded_shapes"]) == 8 * 7 * 3
+    assert manifest["packed_shapes"] and not set(manifest["packed_shapes"]) & set(manifest["coded_shapes"])
     mol = get_system("ethanol")
     e1, f1 = energy_and_forces(ANIPotential(model, "mem", "ani2x"), mol.atomic_numbers, mol.positions)
     e2, f2 = energy_and_forces(load_potential(w4_path, mode="reference"), mol.atomic_numbers, mol.positions)
@@ -376,7 +392,7 @@ def test_duplicate_keys_and_overlapping_tensor_data(w8_path, tmp_path):
 
 def test_format_version_zero(w8_path, tmp_path):
     zero = _rewrite_manifest(w8_path, tmp_path / "v0.nnpq", lambda m: m.update(format_version=0))
-    _one_line_error(zero, "format_version 0 is not a format version; nnpq writes 1 to 1")
+    _one_line_error(zero, "format_version 0 is not a format version; nnpq writes 1 to 2")
     text = _rewrite_manifest(w8_path, tmp_path / "vtext.nnpq", lambda m: m.update(format_version="1"))
     _one_line_error(text, "field format_version must be an integer, got '1'")
 
@@ -408,7 +424,8 @@ def test_wrong_packed_shapes(w4_path, tmp_path):
     swapped = _rewrite_manifest(w4_path, tmp_path / "swapped.nnpq",
                                 lambda m: m["packed_shapes"].update({key: m["packed_shapes"][key][::-1]}))
     message = _one_line_error(swapped, "damaged nnpq manifest (packed_shapes")
-    assert "is [1008, 224], the layer is [224, 1008]" in message
+    shape = read_artifact(w4_path).manifest["packed_shapes"][key]
+    assert f"is {shape[::-1]}, the layer is {shape}" in message
     missing = _rewrite_manifest(w4_path, tmp_path / "missing.nnpq", lambda m: m["packed_shapes"].pop(key))
     _one_line_error(missing, f"packed_shapes lacks {key}")
     mangled = _rewrite_manifest(w4_path, tmp_path / "mangled.nnpq",
@@ -467,3 +484,50 @@ def test_index_tables_must_match_the_architecture(w8_path, tmp_path):
 
     bad = _rewrite_tensors(w8_path, tmp_path / "table.nnpq", edit)
     _one_line_error(bad, "index table species_converter.conv_tensor differs")
+
+
+# --- entropy-coded codes -----------------------------------------------------------------------
+
+def test_coded_codes_round_trip_and_cost_their_information(w8_path, in_memory_w8):
+    """Per-channel INT8 codes concentrate near zero: the file pays ~5.6 bits a code, not 8, and
+    loads back the very codes, so the model equals the one in memory."""
+    from nnpq.artifact import stored_tensor_bytes
+
+    artifact = read_artifact(w8_path)
+    memory = in_memory_w8.state_dict()
+    assert all(torch.equal(artifact.tensors[k], memory[k]) for k in memory)
+    codes = sum(t.numel() for k, t in memory.items() if k.endswith("qweight"))
+    with safe_open(str(w8_path), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    coded_bytes = sum(stored[k].numel() for k in artifact.manifest["coded_shapes"])
+    assert 5.0 < 8 * coded_bytes / codes < 6.5
+    assert stored_tensor_bytes(in_memory_w8, default_plan()) == sum(t.numel() * t.element_size()
+                                                                    for t in stored.values())
+
+
+def test_decode_refuses_streams_that_do_not_hold_the_layer():
+    from nnpq.spec.packing import decode_codes, encode_codes
+
+    codes = torch.randint(-127, 128, (16, 8), dtype=torch.int8)
+    assert torch.equal(decode_codes(encode_codes(codes), (16, 8)), codes)
+    with pytest.raises(ValueError, match="does not hold exactly 64 codes"):
+        decode_codes(encode_codes(codes), (16, 4))  # more data than the layer: never inflated past it
+    with pytest.raises(ValueError, match="does not hold exactly 128 codes"):
+        decode_codes(encode_codes(codes[:8]), (16, 8))
+    with pytest.raises(ValueError, match="not a valid xz stream"):
+        decode_codes(torch.arange(40, dtype=torch.uint8), (16, 8))
+    bomb = encode_codes(torch.zeros(2000, 10_000, dtype=torch.int8))  # 20 MB of zeros in a few kB
+    with pytest.raises(ValueError, match="does not hold exactly 128 codes"):
+        decode_codes(bomb, (16, 8))
+
+
+def test_damaged_coded_stream_is_one_line(w8_path, tmp_path):
+    key = sorted(read_artifact(w8_path).manifest["coded_shapes"])[0]
+
+    def cut(tensors):
+        tensors[key] = tensors[key][:-10].clone()
+
+    _one_line_error(_rewrite_tensors(w8_path, tmp_path / "cut.nnpq", cut, stored=True), f"coded codes {key}")
+    stray = _rewrite_manifest(w8_path, tmp_path / "stray.nnpq",
+                              lambda m: m["packed_shapes"].update({key: m["coded_shapes"][key]}))
+    _one_line_error(stray, f"packed_shapes has a stray entry for {key}")

@@ -26,7 +26,7 @@ from nnpq.models import load_quantized
 from nnpq.models.fp32 import weights_path
 from nnpq.models.runtime import empty_runtime
 from nnpq.spec.formats import ActivationFormat, TensorFormat, code_range
-from nnpq.spec.packing import unpack_codes
+from nnpq.spec.packing import decode_codes, unpack_codes
 from nnpq.spec.plan import PlanRule, QuantPlan
 
 pytestmark = pytest.mark.skipif(not weights_path("ani2x").is_file(),
@@ -90,7 +90,9 @@ def original(tmp_path_factory) -> Original:
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
     manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
-    assert len(manifest["packed_shapes"]) == 2  # H layer 0 of member 0, C layer 1 of member 1
+    # H layer 0 of member 0 bit-packed; C layer 1 of member 1 and the per-channel INT8 layers entropy-coded
+    assert list(manifest["packed_shapes"]) == ["potentials.nnp.neural_networks.members.0.atomics.H.layers.0.qweight"]
+    assert "potentials.nnp.neural_networks.members.1.atomics.C.layers.1.qweight" in manifest["coded_shapes"]
     loaded = load_quantized(path, mode="reference").ani.state_dict()
     memory = model.state_dict()
     assert all(torch.equal(loaded[k], memory[k]) and loaded[k].dtype == memory[k].dtype for k in memory)
@@ -187,8 +189,10 @@ def with_tensors(original: Original, stored: dict[str, torch.Tensor]) -> bytes:
 
 
 def loaded_form(original: Original, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``stored`` as a model holds it: packed codes expanded with the plan's widths."""
+    """``stored`` as a model holds it: packed codes expanded with the plan's widths, coded ones decoded."""
     out = dict(stored)
+    for key, shape in original.manifest["coded_shapes"].items():
+        out[key] = decode_codes(stored[key], tuple(shape))
     for key, shape in original.manifest["packed_shapes"].items():
         parts = key.split(".")
         fmt = FUZZ_PLAN.format_for(int(parts[parts.index("members") + 1]), parts[parts.index("atomics") + 1],

@@ -10,6 +10,7 @@ from torch import Tensor
 from nnpq.errors import NnpqError
 from nnpq.kernels.int8 import dequantize_weight
 from nnpq.spec.formats import TensorFormat, code_range
+from nnpq.spec.packing import stored_code_bytes
 
 
 @dataclass
@@ -27,6 +28,14 @@ class QuantizedWeight:
 
     def dequantize(self) -> Tensor:
         return dequantize_weight(self.qweight, self.scale, self.zero, self.group_size, self.col_scale)
+
+    def stored_bytes(self, fmt: TensorFormat) -> int:
+        """Bytes this weight takes in a model file: codes as `nnpq.spec.packing.store_codes` stores
+        them, float32 scales, int8 zero points (asymmetric formats), float32 equalization factors."""
+        extra = 0 if fmt.symmetric else self.zero.numel()
+        if self.col_scale is not None:
+            extra += 4 * self.col_scale.numel()
+        return stored_code_bytes(self.qweight, fmt.bits) + 4 * self.scale.numel() + extra
 
 
 def _group_view(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, int]:

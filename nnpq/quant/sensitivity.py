@@ -163,30 +163,25 @@ class SensitivityTable:
                 "entries": [e.to_dict() for e in self.entries]}
 
 
-def unit_bytes(fmt: TensorFormat, shapes: list[tuple[int, int]], equalized: bool = False) -> float:
-    """Storage of one unit's weights (all members) in ``fmt``, scales, zero points and
-    equalization factors (float32 per input) included."""
-    extra = 4 if equalized and fmt.is_integer else 0
-    return sum(fmt.bits_per_weight(i) * o * i / 8 + extra * i for o, i in shapes)
-
-
 def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[tuple[int, str], LayerStats],
-                rounding: RoundingSettings, equalize: bool) -> dict[LayerKey, Tensor]:
-    out = {}
+                rounding: RoundingSettings, equalize: bool) -> tuple[dict[LayerKey, Tensor], float]:
+    """The unit's weights rounded to ``fmt`` (dequantized), and the bytes a model file spends on them."""
+    out, nbytes = {}, 0.0
     for key, w in weights.items():
-        if fmt.kind == "fp32":
-            out[key] = w.clone()
-        elif not fmt.is_integer:
-            out[key] = w.to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt.kind]).to(torch.float32)
-        elif equalize and key[:2] in stats:
-            out[key] = equalized_quantize(w, fmt, stats[key[:2]], rounding.force_weight, rounding.damp,
-                                          rounding.method).dequantize()
+        if not fmt.is_integer:
+            out[key] = w.clone() if fmt.kind == "fp32" else \
+                w.to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt.kind]).to(torch.float32)
+            nbytes += fmt.bits_per_weight(w.shape[1]) / 8 * w.numel()
+            continue
+        if equalize and key[:2] in stats:
+            qw = equalized_quantize(w, fmt, stats[key[:2]], rounding.force_weight, rounding.damp, rounding.method)
         elif rounding.method == "gptq" and key[:2] in stats:
-            h = stats[key[:2]].hessian(rounding.force_weight)
-            out[key] = gptq_quantize(w, h, fmt, rounding.damp).dequantize()
+            qw = gptq_quantize(w, stats[key[:2]].hessian(rounding.force_weight), fmt, rounding.damp)
         else:
-            out[key] = quantize_nearest(w, fmt).dequantize()
-    return out
+            qw = quantize_nearest(w, fmt)
+        out[key] = qw.dequantize()
+        nbytes += qw.stored_bytes(fmt)
+    return out, nbytes
 
 
 def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configuration],
@@ -213,16 +208,15 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
         stats = stats_by_layer[layer]
         keys = [k for k in layers if k[1] == element and k[2] == layer]
         originals = {k: layers[k].weight.detach() for k in keys}
-        shapes = [tuple(w.shape) for w in originals.values()]
         for label, fmt in formats.items():
-            rounded = _round_unit(originals, fmt, stats, rounding, layer in equalize)
+            rounded, nbytes = _round_unit(originals, fmt, stats, rounding, layer in equalize)
             err = evaluator.errors(rounded if fmt.kind != "fp32" else {}, {element})
             proxy = 0.0
             for k in keys:
                 if k[:2] in stats:
                     d = (rounded[k] - originals[k]).to(torch.float64)
                     proxy += float(torch.sum((d @ stats[k[:2]].tt) * d)) / max(stats[k[:2]].tangent_count, 1)
-            table.entries.append(SensitivityEntry(element, layer, label, unit_bytes(fmt, shapes, layer in equalize),
+            table.entries.append(SensitivityEntry(element, layer, label, nbytes,
                                                   err["force_mse"],
                                                   err["force_rmse"], err["energy_mse_per_atom"],
                                                   err["energy_rmse_per_atom"], proxy,
