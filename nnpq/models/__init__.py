@@ -30,7 +30,8 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs", mod
 
     Args:
         mode: ``exact`` (default, the fused runtime, weight-only arithmetic), ``fast`` (INT8
-            activations on ``torch._int_mm``) or ``reference`` (TorchANI's per-member layers).
+            activations on ``torch._int_mm``; float16 activations on the Triton backend) or
+            ``reference`` (TorchANI's per-member layers).
         backend: the fused runtime's ``torch`` or ``triton`` networks (`nnpq.runtime.resolve_backend`).
     """
     from nnpq.artifact import read_artifact

@@ -11,7 +11,9 @@ Weights stay in the storage format the plan gave them (int8 codes with float32 s
 bf16 or fp32). In the ``exact`` mode each element's weights are dequantized to float32 when
 its atoms are evaluated and dropped after, so the energy is a smooth function of the AEV and
 the returned gradient is its exact derivative. The ``fast`` mode (`FastElementNet`) runs
-layer 0 as W8A8 on ``torch._int_mm`` (see `nnpq.kernels.cpu`).
+layer 0 as W8A8 on ``torch._int_mm`` (see `nnpq.kernels.cpu`). These are the ``torch``
+backend; the ``triton`` backend (`nnpq.runtime.triton_network`, for CUDA) runs layer 0 on the
+Triton INT8 kernels instead.
 """
 
 
@@ -91,7 +93,6 @@ class ElementNet(torch.nn.Module):
 
     def __init__(self, layers: list[StackedLayer], members: int) -> None:
         super().__init__()
-        cpp_kernels()  # builds the fused C++ passes once (~30 s), else the plain-torch passes run
         self.layers = torch.nn.ModuleList(layers)
         self.members = members
         self.alpha = CELU_ALPHA  # TorchScript reads no module-level floats
@@ -368,6 +369,8 @@ def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensor
     members = _count(tensors, r"members\.(\d+)\.")
     n_hidden = _count(tensors, r"\.layers\.(\d+)\.bias$")
     elements: list[ElementNet] = []
+    if backend == "torch":
+        cpp_kernels()  # builds the fused C++ passes once (~30 s), else the plain-torch passes run
     try:
         for element in symbols:
             layers = [_stacked_layer(tensors, plan, element, layer, members, n_hidden)

@@ -15,16 +15,21 @@ Modes (the energy the forces are the gradient of):
   agree to float tolerance), smooth in the positions, and forces that are its exact gradient.
 - ``fast``: W8A16. Layer 0's input, the AEV, is rounded to float16 for the forward product on
   the tensor cores (float32 accumulation, float32 output); per-channel weights enter the dot as
-  exact codes (scale in the epilogue), group-wise ones with each group's scale applied to its
-  partial product, so the weights stay exact (``fold_scales=False``: folding a scale into a
-  float16 weight tile rounds small scaled codes into float16's subnormals). The input gradient
-  takes float32 operands at precision ``"tf32"`` (float16's 10-bit mantissa, float32's range:
-  ``dE/dz`` times a weight scale lies below float16's normal range). The forces are the chain
-  rule through that gradient, an approximation of the gradient of the ``exact`` energy, not the
-  exact gradient of the reported fast energy (piecewise constant in the AEV). W8A8 with dynamic
-  per-row activation scales (`w8a8_linear`, radial and angular blocks scaled apart) is not
-  used: it erred 10-40x more than this W8A16 against FP32 (see `tests/test_triton_runtime.py`),
-  far from the CPU fast mode's two-plane INT8 (~15 bits per activation).
+  exact codes (scale in the epilogue), group-wise ones with each group's scale folded into the
+  float16 weight tile. The input gradient takes float32 operands at precision ``"tf32"``
+  (float16's 10-bit mantissa with float32's range: ``dE/dz`` times a weight scale lies below
+  float16's normal range). The forces are the chain rule through that gradient: an
+  approximation of the gradient of the ``exact`` energy, not the exact gradient of the reported
+  fast energy (piecewise constant in the AEV).
+
+  Chosen by measurement under the interpreter (tf32 there computed as float32), ANI-2x per-channel
+  INT8 (round to nearest), one hot frame each of four library molecules (ethane, norbornane,
+  styrene, phenol; RMS force 16-32 kcal/mol/Å), force RMSE added to the ``exact`` mode's forces:
+  this W8A16 0.011 kcal/mol/Å; the CPU fast mode (two-plane INT8, `nnpq.kernels.cpu`) 0.044;
+  W8A8 with dynamic per-atom activation scales, radial and angular AEV blocks scaled apart
+  (`w8a8_linear`, ``act_splits=(112,)``) 1.09, so W8A8 is not used. On int8/g32/asym, folding the
+  group scales into float16 weight tiles added 0.01057 against 0.01055 with exact weights
+  (``fold_scales=False``, slower).
 
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before triton is imported), which is how the tests run this very path.
@@ -87,7 +92,7 @@ class TritonElementNet(ElementNet):
                 q, scale, zero, col = _codes(block, member)
                 outs.append(triton_int8.w8_linear(
                     x_in, q, scale, zero, block.group_size, bias[start:stop], col, self.alpha,
-                    out_dtype=torch.float32, precision="ieee", fold_scales=not self.fast))
+                    out_dtype=torch.float32, precision="ieee"))
             else:
                 w = block.dequantize().to(torch.float32)
                 outs.append(torch.nn.functional.celu(torch.addmm(bias[start:stop], x, w.t()), self.alpha))
