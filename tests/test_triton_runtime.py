@@ -81,14 +81,14 @@ def test_exact_triton_equals_torch_backend_per_channel(w8_path):
 def _mixed_tensors() -> tuple[QuantPlan, dict[str, torch.Tensor]]:
     """ANI-2x with layer 0 in several formats inside each element's stacked layer:
     H group-wise asymmetric (int8/g32 -> 28 inputs per group on the 1008-wide AEV) but member 3
-    per-channel; C per-channel with member 5 in fp16; O per-channel with per-member input
+    in 4-bit codes (int4/g32/asym); C per-channel with member 5 in fp16; O per-channel with per-member input
     equalization (factors in [0.5, 1.5): any positive factors are a valid stored weight)."""
     from nnpq.quant.apply import quantize_model
 
     channel = TensorFormat.parse("int8/channel")
     rules = (PlanRule(channel),
              PlanRule(TensorFormat.parse("int8/g32/asym"), element="H", layer=0),
-             PlanRule(channel, element="H", layer=0, member=3),
+             PlanRule(TensorFormat.parse("int4/g32/asym"), element="H", layer=0, member=3),
              PlanRule(TensorFormat.parse("fp16"), element="C", layer=0, member=5))
     tensors = dict(quantize_model(load_fp32("ani2x"), QuantPlan(rules=rules)).state_dict())
     gen = torch.Generator().manual_seed(0)
