@@ -27,7 +27,8 @@ Modes (the energy the forces are the gradient of):
   styrene, phenol; RMS force 16-32 kcal/mol/Å), force RMSE added to the ``exact`` mode's forces:
   this W8A16 0.011 kcal/mol/Å; the CPU fast mode (two-plane INT8, `nnpq.kernels.cpu`) 0.044;
   W8A8 with dynamic per-atom activation scales, radial and angular AEV blocks scaled apart
-  (`w8a8_linear`, ``act_splits=(112,)``) 1.09, so W8A8 is not used. On int8/g32/asym, folding the
+  (`w8a8_linear`, ``act_splits=(112,)``) 1.09, so W8A8 is not used (re-measured by the slow
+  test ``test_w8a16_is_the_accurate_cuda_fast_mode``). On int8/g32/asym, folding the
   group scales into float16 weight tiles added 0.01057 against 0.01055 with exact weights
   (``fold_scales=False``, slower).
 
