@@ -169,6 +169,7 @@ def test_backend_selection_and_misuse(w8_path):
     assert load_potential(w8_path).backend == "torch"  # CPU default
     for call, message in [
         (lambda: load_potential(w8_path, backend="cutlass"), "unknown runtime backend 'cutlass'"),
+        (lambda: load_potential(w8_path, device="gpu"), "unknown device 'gpu'"),
         (lambda: torch.jit.script(_triton(w8_path).networks), "Triton runtime backend runs in Python only"),
     ]:
         with pytest.raises(NnpqError, match=message) as info:
@@ -231,3 +232,14 @@ def test_w8a16_is_the_accurate_cuda_fast_mode(w8_path):
     rmse = {k: float(np.sqrt(np.mean(v)) * HARTREE_TO_KCAL_MOL) for k, v in squared.items()}
     assert len(squared["w8a8"]) == 4 and rmse["w8a16"] < 0.03 and rmse["cpu"] < 0.1, rmse
     assert rmse["w8a8"] > 10 * max(rmse["w8a16"], rmse["cpu"]), rmse
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_one_line_error(w8_path):
+    import subprocess
+    import sys
+
+    code = ("from nnpq.errors import NnpqError\nfrom nnpq.models import load_potential\n"
+            f"try:\n    load_potential({str(w8_path)!r}, backend='triton')\nexcept NnpqError as e:\n    print(e)")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().startswith("the Triton backend runs on CUDA, not on cpu") and out.count("\n") == 1, out

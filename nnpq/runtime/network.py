@@ -368,6 +368,8 @@ def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensor
     """
     members = _count(tensors, r"members\.(\d+)\.")
     n_hidden = _count(tensors, r"\.layers\.(\d+)\.bias$")
+    if backend not in ("torch", "triton"):
+        raise NnpqError(f"unknown network backend '{backend}'; use torch or triton")
     elements: list[ElementNet] = []
     if backend == "torch":
         cpp_kernels()  # builds the fused C++ passes once (~30 s), else the plain-torch passes run

@@ -107,7 +107,10 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
     """
     if backend not in BACKENDS:
         raise NnpqError(f"unknown runtime backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    on_cuda = torch.device(device).type == "cuda"
+    try:
+        on_cuda = torch.device(device).type == "cuda"
+    except RuntimeError:
+        raise NnpqError(f"unknown device '{device}'; use cpu or cuda") from None
     has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
         return "triton" if on_cuda and has_triton else "torch"
