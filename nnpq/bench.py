@@ -41,6 +41,7 @@ class BenchRow:
     repeats: int
     speedup_vs_openmm_ml: float | None = None  # md-step rows: openmm-ml's step time over this one
     model: str | None = None  # nnpq rows: the .nnpq file's name (or the FP32 model's); None for peers
+    backend: str | None = None  # nnpq call rows: the runtime's networks, torch (CPU) or triton (CUDA)
 
 
 def replicated(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -177,10 +178,12 @@ def run_bench(model: str | list[str], device: str = "cpu", systems: tuple[str, .
         }
         # nnpq fp32: the fused runtime on the published weights (exact mode, labelled fp32)
         loads = [("fp32", fp32_name, "exact")] + [(m, f, m) for f in files for m in modes]
+        backends: dict[Key, str] = {}
         for label, source, mode in loads:
-            potential = load_potential(source, neighborlist, mode=mode, device=device)
+            potential = load_potential(source, neighborlist, mode=mode, device=device)  # CUDA: the Triton backend
             runtimes[("nnpq", label, Path(source).name)] = (
                 _potential_call(potential, numbers, positions, cell, device), _resident_mb(potential))
+            backends[("nnpq", label, Path(source).name)] = potential.backend
         times: dict[Key, list[float]] = {k: [] for k in runtimes}
         for call, _ in runtimes.values():  # warm-up: first calls compile, allocate, tune
             call()
@@ -196,7 +199,8 @@ def run_bench(model: str | list[str], device: str = "cpu", systems: tuple[str, .
         for (runtime, mode, source), (call, resident) in runtimes.items():
             ms = statistics.median(times[(runtime, mode, source)])
             rows.append(BenchRow(name, len(numbers), device, runtime, mode, "call", ms, base / ms,
-                                 resident + _peak_transient_mb(call, device), repeats, model=source))
+                                 resident + _peak_transient_mb(call, device), repeats, model=source,
+                                 backend=backends.get((runtime, mode, source))))
         if md_steps and name in ("alanine-dipeptide", "water-box"):
             rows += _md_rows(name, files, fp32_name, modes, device, repeats)
     return rows

@@ -201,7 +201,9 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
         raise NnpqError(f"unknown OpenMM backend '{backend}'; use one of {', '.join(BACKENDS)}")
     if periodic is None:
         periodic = topology.getPeriodicBoxVectors() is not None
-    potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode=mode)
+    # a model that may run in a PythonForce is built for its device (on CUDA: the Triton runtime backend)
+    potential = load_potential(model, neighborlist or ("cell_list" if periodic else "all_pairs"), mode=mode,
+                               device="cpu" if backend == "torchforce" or device is None else device)
     numbers = topology_numbers(topology)
     selected = list(range(len(numbers))) if atoms is None else [int(i) for i in atoms]
     chosen = [numbers[i] for i in selected]
@@ -216,7 +218,8 @@ def make_force(topology: app.Topology, model: str | os.PathLike | ANIPotential, 
         backend = "pythonforce"  # the fused runtime scripts, but runs far slower under TorchScript for now
     force = None
     if backend != "pythonforce":
-        force = _torchforce(OpenMMEnergy(potential, chosen, selected), required=backend == "torchforce")
+        # scripted on the CPU: the TorchForce moves it to OpenMM's device
+        force = _torchforce(OpenMMEnergy(potential.to("cpu"), chosen, selected), required=backend == "torchforce")
     if force is None:
         module = OpenMMEnergy(potential, chosen)
         if device is not None:

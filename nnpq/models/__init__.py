@@ -24,12 +24,15 @@ def _check_load_mode(mode: str) -> str:
     return mode
 
 
-def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs", mode: str = "exact") -> Potential:
+def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs", mode: str = "exact",
+                   backend: str = "torch") -> Potential:
     """The runtime of a ``.nnpq`` file, ready for engines (energies in Hartree).
 
     Args:
         mode: ``exact`` (default, the fused runtime, weight-only arithmetic), ``fast`` (INT8
-            activations on ``torch._int_mm``) or ``reference`` (TorchANI's per-member layers).
+            activations on ``torch._int_mm``; float16 activations on the Triton backend) or
+            ``reference`` (TorchANI's per-member layers).
+        backend: the fused runtime's ``torch`` or ``triton`` networks (`nnpq.runtime.resolve_backend`).
     """
     from nnpq.artifact import read_artifact
 
@@ -40,7 +43,7 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs", mod
         from nnpq.runtime.potential import runtime_from_tensors
 
         potential = runtime_from_tensors(artifact.model_name, artifact.plan, artifact.tensors, label, neighborlist,
-                                         mode)
+                                         mode, backend)
     else:
         from nnpq.models.runtime import build_runtime
 
@@ -60,7 +63,7 @@ def load_quantized(path: str | os.PathLike, neighborlist: str = "all_pairs", mod
 
 
 def load_potential(model: "str | os.PathLike | Potential", neighborlist: str = "all_pairs",
-                   mode: str | None = None, device: str = "cpu") -> Potential:
+                   mode: str | None = None, device: str = "cpu", backend: str = "auto") -> Potential:
     """Resolve what a user passed as a model: a loaded potential, an ``.nnpq`` path, or an FP32 name.
 
     Args:
@@ -68,11 +71,17 @@ def load_potential(model: "str | os.PathLike | Potential", neighborlist: str = "
             names), ``exact``, ``fast`` or ``reference``. An FP32 name with ``exact`` runs the
             fused runtime on the FP32 weights (labelled mode ``fp32``).
         device: torch device the potential is moved to.
+        backend: the fused runtime's networks: ``auto`` (default: ``triton`` on CUDA where triton
+            imports, else ``torch``), ``torch`` or ``triton`` (CPU tensors only under Triton's
+            interpreter); see `nnpq.runtime.resolve_backend`. TorchANI potentials ignore it.
     """
     if isinstance(model, Potential):
         return model
     if mode is not None:
         _check_load_mode(mode)
+    from nnpq.runtime.potential import resolve_backend
+
+    backend = resolve_backend(backend, device)
     text = os.fspath(model)
     is_name = text.lower().replace("-", "").replace("_", "") in MODEL_SPECS
     if Path(text).is_file():  # an existing file always wins over a model name
@@ -80,13 +89,13 @@ def load_potential(model: "str | os.PathLike | Potential", neighborlist: str = "
             warnings.warn(f"'{text}' is both an existing file and the name of an FP32 model; loading the file "
                           f"{Path(text).resolve()} as an .nnpq model (rename or move it to use the FP32 model)",
                           stacklevel=2)
-        return load_quantized(text, neighborlist, mode or "exact").to(device)
+        return load_quantized(text, neighborlist, mode or "exact", backend).to(device)
     if not is_name and (Path(text).suffix == ".nnpq" or Path(text).exists() or os.sep in text):
-        return load_quantized(text, neighborlist, mode or "exact").to(device)
+        return load_quantized(text, neighborlist, mode or "exact", backend).to(device)
     spec = model_spec(text)  # the one-line 'unknown model' error for anything else
     fp32 = load_fp32(spec.name, neighborlist)
     if mode is None or mode == "reference":
         return ANIPotential(fp32, spec.name, spec.name, "fp32").to(device)
     from nnpq.runtime.potential import runtime_from_fp32
 
-    return runtime_from_fp32(fp32, spec.name, mode).to(device)
+    return runtime_from_fp32(fp32, spec.name, mode, backend).to(device)

@@ -222,11 +222,13 @@ class ANIPotential(Potential):
 
 def energy_and_forces(potential: Potential, numbers: np.ndarray, positions: np.ndarray,
                       cell: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """Energy (Hartree) and forces (Hartree/Angstrom, ``(N, 3)`` float64) of one configuration."""
+    """Energy (Hartree) and forces (Hartree/Angstrom, ``(N, 3)`` float64) of one configuration,
+    computed on the device the potential's tensors are on."""
     potential.check_inputs(numbers, positions, cell)
-    pos = torch.tensor(np.asarray(positions), dtype=torch.float64, requires_grad=True)
-    z = torch.tensor(np.asarray(numbers), dtype=torch.long)
-    box = None if cell is None else torch.tensor(np.asarray(cell), dtype=torch.float64)
+    device = potential.self_energies.device
+    pos = torch.tensor(np.asarray(positions), dtype=torch.float64, device=device, requires_grad=True)
+    z = torch.tensor(np.asarray(numbers), dtype=torch.long, device=device)
+    box = None if cell is None else torch.tensor(np.asarray(cell), dtype=torch.float64, device=device)
     energy = potential(z, pos, box)
     (grad,) = torch.autograd.grad(energy, pos)
-    return float(energy.detach()), -grad.numpy()
+    return float(energy.detach()), -grad.cpu().numpy()

@@ -11,7 +11,9 @@ Weights stay in the storage format the plan gave them (int8 codes with float32 s
 bf16 or fp32). In the ``exact`` mode each element's weights are dequantized to float32 when
 its atoms are evaluated and dropped after, so the energy is a smooth function of the AEV and
 the returned gradient is its exact derivative. The ``fast`` mode (`FastElementNet`) runs
-layer 0 as W8A8 on ``torch._int_mm`` (see `nnpq.kernels.cpu`).
+layer 0 as W8A8 on ``torch._int_mm`` (see `nnpq.kernels.cpu`). These are the ``torch``
+backend; the ``triton`` backend (`nnpq.runtime.triton_network`, for CUDA) runs layer 0 on the
+Triton INT8 kernels instead.
 """
 
 
@@ -91,7 +93,6 @@ class ElementNet(torch.nn.Module):
 
     def __init__(self, layers: list[StackedLayer], members: int) -> None:
         super().__init__()
-        cpp_kernels()  # builds the fused C++ passes once (~30 s), else the plain-torch passes run
         self.layers = torch.nn.ModuleList(layers)
         self.members = members
         self.alpha = CELU_ALPHA  # TorchScript reads no module-level floats
@@ -103,6 +104,10 @@ class ElementNet(torch.nn.Module):
     def first_backward(self, dz: Tensor, w0: Tensor) -> Tensor:
         """``dE/dx`` from ``dE/dz`` of layer 0."""
         return dz.mm(w0)
+
+    def first_input_grad(self, g: Tensor, h: Tensor, w0: Tensor) -> Tensor:
+        """``dE/dx`` from ``dE/dh`` ``g`` of layer 0's activation ``h`` (both ``(n, members * H0)``)."""
+        return self.first_backward(celu_slope(h, self.alpha).mul_(g), w0)
 
     def first_weight(self) -> Tensor:
         return self.layers[0].weight()
@@ -154,8 +159,7 @@ class ElementNet(torch.nn.Module):
         g = (ws[last] / self.members).expand(self.members, n, ws[last].shape[2])
         for i in range(last - 1, -1, -1):
             g = self.later_backward(celu_slope(ys[i + 1], self.alpha).mul_(g), ws, i)
-        dz0 = celu_slope(ys[0], self.alpha).mul_(g).transpose(0, 1).reshape(n, -1)
-        return energies, self.first_backward(dz0, w0)
+        return energies, self.first_input_grad(g.transpose(0, 1).reshape(n, -1), h, w0)
 
 
 class SplitInt8Linear(torch.nn.Module):
@@ -258,11 +262,13 @@ class FusedNetworks(torch.nn.Module):
     """
 
     mode: str
+    backend: str
 
-    def __init__(self, elements: list[ElementNet], mode: str) -> None:
+    def __init__(self, elements: list[ElementNet], mode: str, backend: str = "torch") -> None:
         super().__init__()
         self.elements = torch.nn.ModuleList(elements)
         self.mode = mode
+        self.backend = backend
 
     def energies_and_gradient(self, species: Tensor, x: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
         """Atomic energies ``(N,)`` and, when ``need_grad``, ``dE/dx`` ``(N, K)`` (else an empty tensor)."""
@@ -346,7 +352,7 @@ def _stacked_layer(tensors: dict[str, Tensor], plan: QuantPlan, element: str, la
 
 
 def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensors: dict[str, Tensor],
-                   mode: str = "exact") -> FusedNetworks:
+                   mode: str = "exact", backend: str = "torch") -> FusedNetworks:
     """The fused networks of a TorchANI-layout state dict (an artifact's tensors or an FP32 model's).
 
     Args:
@@ -354,22 +360,32 @@ def build_networks(symbols: tuple[str, ...] | list[str], plan: QuantPlan, tensor
         plan: the storage format of every layer (an empty plan: all FP32).
         tensors: the state dict, keys as ``potentials.nnp.neural_networks.members.3.atomics.H.layers.0.qweight``.
         mode: ``exact`` or ``fast``.
+        backend: ``torch`` (torch products and the C++ kernels; TorchScript-able) or ``triton``
+            (`nnpq.runtime.triton_network`: CUDA tensors, or CPU ones under Triton's interpreter).
 
     Raises:
         NnpqError: a tensor the plan needs is missing.
     """
     members = _count(tensors, r"members\.(\d+)\.")
     n_hidden = _count(tensors, r"\.layers\.(\d+)\.bias$")
+    if backend not in ("torch", "triton"):
+        raise NnpqError(f"unknown network backend '{backend}'; use torch or triton")
     elements: list[ElementNet] = []
+    if backend == "torch":
+        cpp_kernels()  # builds the fused C++ passes once (~30 s), else the plain-torch passes run
     try:
         for element in symbols:
             layers = [_stacked_layer(tensors, plan, element, layer, members, n_hidden)
                       for layer in range(n_hidden + 1)]
-            if mode == "fast":
+            if backend == "triton":
+                from nnpq.runtime.triton_network import TritonElementNet  # imports triton
+
+                elements.append(TritonElementNet(layers, members, mode))
+            elif mode == "fast":
                 elements.append(FastElementNet(layers, members))
             else:
                 elements.append(ElementNet(layers, members))
     except KeyError as exc:
         raise NnpqError(f"model tensors lack {exc.args[0]}, which the plan needs; re-create the file "
                         "with 'nnpq quantize'") from None
-    return FusedNetworks(elements, mode)
+    return FusedNetworks(elements, mode, backend)
