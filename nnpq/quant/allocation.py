@@ -44,7 +44,9 @@ class Allocation:
         return float(np.sqrt(max(self.predicted_force_mse_by_source.values(), default=self.predicted_force_mse)))
 
     def to_plan(self, table: SensitivityTable, description: str) -> QuantPlan:
-        rules = tuple(PlanRule(weight=table.formats[label], element=e, layer=l, equalize=l in table.equalized_layers)
+        rules = tuple(PlanRule(weight=table.formats[label], element=e, layer=l,
+                               equalize=l in table.equalized_layers and label not in table.damped,
+                               damp=table.damped.get(label))
                       for (e, l), label in sorted(self.choice.items()) if label != "fp32")
         return QuantPlan(rules=rules, rounding="gptq", description=description)
 

@@ -114,12 +114,12 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
         def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
             if key[:2] not in stats:  # element absent from the calibration data
                 return quantize_nearest(weight, fmt)
+            damp = plan.damp_for(*key) or rounding.damp
             if plan.equalize_for(*key):
-                return equalized_quantize(weight, fmt, stats[key[:2]], rounding.force_weight, rounding.damp,
-                                          rounding.method)
+                return equalized_quantize(weight, fmt, stats[key[:2]], rounding.force_weight, damp, rounding.method)
             if rounding.method == "nearest":
                 return quantize_nearest(weight, fmt)
-            return gptq_quantize(weight, stats[key[:2]].hessian(rounding.force_weight), fmt, rounding.damp)
+            return gptq_quantize(weight, stats[key[:2]].hessian(rounding.force_weight), fmt, damp)
 
         replace_layers(model, plan, _layer_maker(plan, quantizer, stats, rounding.bias_correction), only_layer=layer)
     return model.eval()

@@ -39,14 +39,23 @@ DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (
     TensorFormat("int", 8, "group", 32, False),
     TensorFormat("int", 8, "group", 32),
     TensorFormat("int", 6, "group", 32, False),
-    TensorFormat("int", 5, "group", 32, False),
-    TensorFormat("int", 4, "group", 32, False),
-    # wide groups: one scale per 126 AEV inputs costs 0.3 bit a weight instead of 1.4, and at 5 bits
-    # they err less than 4 bits in groups of 28 (9.8 MB plans: 1.37 vs ~2 kcal/mol/Å on held-out chemistry)
+    # per-channel codes: a model file entropy-codes them to ~5.6 bits at INT8 (`nnpq.spec.packing`), so
+    # per byte they beat every group format below 8 bits; each also comes in a damped variant
+    TensorFormat("int", 8, "channel"),
+    TensorFormat("int", 7, "channel"),
+    TensorFormat("int", 6, "channel"),
+    # wide groups for the smallest budgets: one scale per 126 AEV inputs costs 0.3 bit a weight
     TensorFormat("int", 5, "group", 128, False),
     TensorFormat("int", 4, "group", 128, False),
-    TensorFormat("int", 2, "group", 32, False),  # for the units that hardly matter (S, F, Cl networks)
 )
+# GPTQ on a per-channel layer may move rounding error anywhere along a 1008-input row, into
+# features that calibration barely excites but other molecules do: the damped variant of each
+# per-channel candidate rounds without equalization (which shrinks such features' columns) and
+# with 10x the damping, closer to round-to-nearest where calibration says little. The allocation
+# takes it where it errs less on the worst molecule (ANI-2x at 10 MB: 1.04 vs 1.24 of int8/channel
+# round-to-nearest's error, predicted).
+DAMPED = 0.1
+DAMPED_SUFFIX = "/damped"
 
 
 class PlanEvaluator:
@@ -138,6 +147,7 @@ class SensitivityTable:
     fixed_bytes: float  # everything outside the hidden-layer weights (biases, AEV, final layers)
     fp32_bytes: float
     equalized_layers: tuple[int, ...] = ()
+    damped: dict[str, float] = field(default_factory=dict)  # label -> GPTQ damping, rounded without equalization
     weights: dict[tuple[Unit, str], dict[LayerKey, Tensor]] = field(default_factory=dict, repr=False)
 
     def units(self) -> list[Unit]:
@@ -159,12 +169,12 @@ class SensitivityTable:
     def to_dict(self) -> dict:
         return {"model": self.model, "fixed_bytes": self.fixed_bytes, "fp32_bytes": self.fp32_bytes,
                 "proxy_spearman": self.proxy_rank_correlation(),
-                "formats": {k: f.to_dict() for k, f in self.formats.items()},
+                "formats": {k: f.to_dict() for k, f in self.formats.items()}, "damped": self.damped,
                 "entries": [e.to_dict() for e in self.entries]}
 
 
 def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[tuple[int, str], LayerStats],
-                rounding: RoundingSettings, equalize: bool) -> tuple[dict[LayerKey, Tensor], float]:
+                rounding: RoundingSettings, equalize: bool, damp: float) -> tuple[dict[LayerKey, Tensor], float]:
     """The unit's weights rounded to ``fmt`` (dequantized), and the bytes a model file spends on them."""
     out, nbytes = {}, 0.0
     for key, w in weights.items():
@@ -174,9 +184,9 @@ def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[
             nbytes += fmt.bits_per_weight(w.shape[1]) / 8 * w.numel()
             continue
         if equalize and key[:2] in stats:
-            qw = equalized_quantize(w, fmt, stats[key[:2]], rounding.force_weight, rounding.damp, rounding.method)
+            qw = equalized_quantize(w, fmt, stats[key[:2]], rounding.force_weight, damp, rounding.method)
         elif rounding.method == "gptq" and key[:2] in stats:
-            qw = gptq_quantize(w, stats[key[:2]].hessian(rounding.force_weight), fmt, rounding.damp)
+            qw = gptq_quantize(w, stats[key[:2]].hessian(rounding.force_weight), fmt, damp)
         else:
             qw = quantize_nearest(w, fmt)
         out[key] = qw.dequantize()
@@ -189,7 +199,8 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
                         rounding: RoundingSettings = RoundingSettings(), evaluator: PlanEvaluator | None = None,
                         seed: int = 0, progress: bool = False, equalize: tuple[int, ...] = (0,)) -> SensitivityTable:
     """Measure every (element, hidden layer) unit in every candidate format on ``calibration``;
-    layers in ``equalize`` are rounded with input equalization, as the plan will do."""
+    layers in ``equalize`` are rounded with input equalization, as the plan will do. With GPTQ,
+    per-channel integer candidates are also measured in their damped variant (`DAMPED`)."""
     from tqdm import tqdm
 
     evaluator = evaluator or PlanEvaluator(fp32, calibration, model_name)
@@ -197,9 +208,13 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
     n_hidden = n_layers(fp32) - 1  # the last index is the width-1 final layer, kept FP32
     units = sorted({(e, l) for (_, e, l) in layers if l < n_hidden})
     formats = {f.label(): f for f in (TensorFormat("fp32"),) + tuple(candidates)}
+    damped = {} if rounding.method != "gptq" else \
+        {f.label() + DAMPED_SUFFIX: f for f in candidates if f.is_integer and f.granularity == "channel"}
+    formats.update(damped)
     fp32_bytes = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
     hidden_bytes = float(sum(lin.weight.numel() * 4 for k, lin in layers.items() if k[2] < n_hidden))
-    table = SensitivityTable(model_name, [], formats, fp32_bytes - hidden_bytes, fp32_bytes, tuple(equalize))
+    table = SensitivityTable(model_name, [], formats, fp32_bytes - hidden_bytes, fp32_bytes, tuple(equalize),
+                             dict.fromkeys(damped, DAMPED))
     stats_by_layer: dict[int, dict] = {}
     bar = tqdm(total=len(units) * len(formats), desc="sensitivity", unit="case", disable=not progress)
     for element, layer in units:
@@ -209,7 +224,9 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
         keys = [k for k in layers if k[1] == element and k[2] == layer]
         originals = {k: layers[k].weight.detach() for k in keys}
         for label, fmt in formats.items():
-            rounded, nbytes = _round_unit(originals, fmt, stats, rounding, layer in equalize)
+            variant = table.damped.get(label)
+            rounded, nbytes = _round_unit(originals, fmt, stats, rounding, layer in equalize and variant is None,
+                                          variant or rounding.damp)
             err = evaluator.errors(rounded if fmt.kind != "fp32" else {}, {element})
             proxy = 0.0
             for k in keys:

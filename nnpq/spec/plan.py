@@ -25,6 +25,7 @@ class PlanRule:
     member: int | None = None
     activation: ActivationFormat = NO_ACTIVATION
     equalize: bool = False  # scale input columns before rounding (integer weights, calibrated)
+    damp: float | None = None  # GPTQ damping relative to the mean Hessian diagonal; None: the plan's setting
 
     def matches(self, member: int, element: str, layer: int) -> bool:
         return (
@@ -40,7 +41,8 @@ class PlanRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"element": self.element, "layer": self.layer, "member": self.member,
-                "weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "equalize": self.equalize}
+                "weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "equalize": self.equalize,
+                "damp": self.damp}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class QuantPlan:
         rule = self.rule_for(member, element, layer)
         return rule is not None and rule.weight.is_integer and rule.equalize
 
+    def damp_for(self, member: int, element: str, layer: int) -> float | None:
+        """The GPTQ damping of one layer when its rule sets one, else ``None`` (the rounding settings')."""
+        rule = self.rule_for(member, element, layer)
+        return None if rule is None else rule.damp
+
     def activation_for(self, member: int, element: str, layer: int) -> ActivationFormat:
         """The input-activation format of one layer (only integer-weight layers round inputs)."""
         rule = self.rule_for(member, element, layer)
@@ -90,7 +97,7 @@ class QuantPlan:
                 PlanRule(weight=TensorFormat.from_dict(r["weight"]), element=r.get("element"),
                          layer=r.get("layer"), member=r.get("member"),
                          activation=ActivationFormat.from_dict(r.get("activation", {})),
-                         equalize=bool(r.get("equalize", False)))
+                         equalize=bool(r.get("equalize", False)), damp=r.get("damp"))
                 for r in data["rules"]
             )
             return cls(rules=rules, rounding=data.get("rounding", "nearest"),
