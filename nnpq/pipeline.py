@@ -234,16 +234,29 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
         cost = latency_table(fp32.state_dict(), model_spec(name).symbols, table.units(), labels,
                              table.equalized_layers, options.latency_mode, progress=progress)
     allocation: Allocation | None = None
+    best_ratio = float("inf")  # under a size budget: the measured worst ratio to the yardstick
     for _ in range(CORRECTION_ROUNDS):
-        allocation = allocate(table, budgets["force"], budgets["energy"], options.max_bytes, allowed=allowed,
-                              cost=cost, yardstick=yardstick)
-        measured = evaluator.errors(assemble_weights(table, allocation))
-        history.append({"predicted_worst_force_rmse": allocation.predicted_worst_force_rmse,
+        trial = allocate(table, budgets["force"], budgets["energy"], options.max_bytes, allowed=allowed,
+                         cost=cost, yardstick=yardstick)
+        measured = evaluator.errors(assemble_weights(table, trial))
+        history.append({"predicted_worst_force_rmse": trial.predicted_worst_force_rmse,
                         "measured_worst_force_rmse": measured["worst_force_rmse"],
-                        "predicted_force_rmse": allocation.predicted_force_rmse,
+                        "predicted_force_rmse": trial.predicted_force_rmse,
                         "measured_force_rmse": measured["force_rmse"],
                         "measured_worst_energy_rmse": max(measured["energy_mse_by_source"].values()) ** 0.5,
-                        "bytes": allocation.bytes})
+                        "bytes": trial.bytes})
+        if yardstick is not None:
+            # the additive model mispredicts interactions between units: molecules measured above their
+            # prediction weigh more in the next round, and the plan measured best is kept
+            mse = measured["force_mse_by_source"]
+            ratio = max(mse[s] / max(yardstick[s], 1e-12) for s in mse)
+            history[-1]["measured_worst_ratio_rmse"] = ratio ** 0.5
+            if ratio < best_ratio:
+                allocation, best_ratio = trial, ratio
+            for source, value in mse.items():
+                yardstick[source] /= max(1.0, value / max(trial.predicted_force_mse_by_source[source], 1e-12))
+            continue
+        allocation = trial
         over = False
         # the additive model mispredicts interactions between units: tighten by the observed ratio
         for kind, target in targets.items():
