@@ -47,7 +47,6 @@ BASELINES: tuple[tuple[str, TensorFormat, ActivationFormat, str], ...] = (
 )
 FP16 = TensorFormat("fp16")
 CORRECTION_ROUNDS = 3
-SIZE_CORRECTION_ROUNDS = 6  # each is one allocation and one measurement (~15 s on ANI-2x)
 EQUALIZED_LAYERS = (0,)  # the AEV-fed first layers, where feature ranges differ most
 
 
@@ -236,7 +235,7 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
                              table.equalized_layers, options.latency_mode, progress=progress)
     allocation: Allocation | None = None
     best_ratio = float("inf")  # under a size budget: the measured worst ratio to the yardstick
-    for _ in range(CORRECTION_ROUNDS if yardstick is None else SIZE_CORRECTION_ROUNDS):
+    for _ in range(CORRECTION_ROUNDS):
         trial = allocate(table, budgets["force"], budgets["energy"], options.max_bytes, allowed=allowed,
                          cost=cost, yardstick=yardstick)
         measured = evaluator.errors(assemble_weights(table, trial))
