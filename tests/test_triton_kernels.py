@@ -11,41 +11,25 @@ group, scale or zero point, which changes results by O(|y|), fails.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
 
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_mode import triton_kernels  # noqa: E402
+
+T, DEVICE, _INTERPRET = triton_kernels()
 from nnpq.errors import NnpqError  # noqa: E402
 from nnpq.kernels import reference as R  # noqa: E402
 from nnpq.kernels.int8 import dequantize_weight  # noqa: E402
-from nnpq.kernels import triton_int8 as T  # noqa: E402
-
-if T.INTERPRETED != (os.environ["TRITON_INTERPRET"] == "1"):
-    # imported earlier in the other mode: jit decides at decoration time
-    T = importlib.reload(T)
-_INTERPRET = os.environ["TRITON_INTERPRET"]
-# other test modules see the environment as it was
-if _previous is None:
-    del os.environ["TRITON_INTERPRET"]
-
-if not T.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("compiled Triton kernels need CUDA (unset TRITON_INTERPRET to use the interpreter)",
-                allow_module_level=True)
-DEVICE = "cpu" if T.INTERPRETED else "cuda"
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_mode():
     """Triton reads TRITON_INTERPRET again when it launches (lazy imports), so keep it set while these tests run."""
-    os.environ["TRITON_INTERPRET"] = _INTERPRET
-    yield
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", _INTERPRET)
+        yield
 
 
 EPS32 = 2.0**-24

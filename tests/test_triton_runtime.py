@@ -8,30 +8,16 @@ the GPU. Units: Hartree and Hartree/Å unless stated.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
 import pytest
 import torch
 
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_mode import triton_kernels  # noqa: E402
+
+T, DEVICE, _INTERPRET = triton_kernels()
 from nnpq.errors import NnpqError  # noqa: E402
-from nnpq.kernels import triton_int8 as T  # noqa: E402
-
-if T.INTERPRETED != (os.environ["TRITON_INTERPRET"] == "1"):
-    T = importlib.reload(T)  # imported earlier in the other mode: jit decides at decoration time
-_INTERPRET = os.environ["TRITON_INTERPRET"]
-if _previous is None:  # other test modules see the environment as it was
-    del os.environ["TRITON_INTERPRET"]
-
-if not T.INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("compiled Triton kernels need CUDA (unset TRITON_INTERPRET to use the interpreter)",
-                allow_module_level=True)
-DEVICE = "cpu" if T.INTERPRETED else "cuda"
-
 from nnpq.models import energy_and_forces, load_fp32, load_potential  # noqa: E402
 from nnpq.runtime import RuntimePotential, resolve_backend, runtime_from_tensors  # noqa: E402
 from nnpq.runtime.network import IntWeight  # noqa: E402
@@ -46,11 +32,10 @@ from nnpq.units import HARTREE_TO_KCAL_MOL  # noqa: E402
 def _interpreter():
     """Triton reads TRITON_INTERPRET again when it launches, so keep it set; and run whole ANI
     layers on wide interpreter tiles (its cost is per tile operation; no effect on a GPU)."""
-    os.environ["TRITON_INTERPRET"] = _INTERPRET
-    with T.interpreter_tile(256, 128):
-        yield
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", _INTERPRET)
+        with T.interpreter_tile(256, 128):
+            yield
 
 
 def _triton(path, mode: str = "exact") -> RuntimePotential:
