@@ -32,7 +32,8 @@ from nnpq.atomic_io import write_bytes_atomic
 from nnpq.errors import NnpqError
 from nnpq.models.fp32 import MODEL_SPECS, assemble_architecture, n_layers
 from nnpq.spec.formats import ACTIVATION_MODES, ACTIVATION_RANGES, GRANULARITIES, KINDS, code_range
-from nnpq.spec.packing import CODED, PACKED, decode_codes, store_codes, stored_code_bytes, unpack_codes
+from nnpq.spec.packing import (CODED, PACKED, decode_codes, packed_bytes, store_codes, stored_code_bytes,
+                                unpack_codes)
 from nnpq.spec.plan import QuantPlan
 
 FORMAT_NAME = "nnpq"
@@ -172,6 +173,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
 _TYPES: dict[str, Callable[[Any], bool]] = {
     "a string": lambda v: isinstance(v, str),
     "an integer": _is_int,
@@ -180,8 +185,8 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "a list": lambda v: isinstance(v, list),
     "a string or null": lambda v: v is None or isinstance(v, str),
     "an integer or null": lambda v: v is None or _is_int(v),
-    "a finite number": lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)),
-    "a number or null": lambda v: v is None or _is_int(v) or (isinstance(v, float) and math.isfinite(v)),
+    "a finite number": _is_finite_number,
+    "a number or null": lambda v: v is None or _is_finite_number(v),
 }
 
 
@@ -449,8 +454,8 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
         if where is not None and where[1] == "qweight":
             codes[key] = plan.format_for(*where[0])
     for field, entries in (("packed_shapes", packed), ("coded_shapes", coded)):
-        stray = sorted(k for k in entries if k not in codes or (field == "packed_shapes" and codes[k].bits == 8)
-                       or (field == "packed_shapes" and k in coded))
+        stray = sorted(k for k in entries if k not in codes
+                       or (field == "packed_shapes" and (codes[k].bits == 8 or k in coded)))
         if stray:
             raise _damaged(name, f"{field} has a stray entry for {_show(stray[0])[1:-1]}")
     narrow = sorted(k for k, fmt in codes.items() if fmt.bits < 8 and k not in packed and k not in coded)
@@ -465,7 +470,7 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
                 raise _damaged(name, f"{field}[{key!r}] is {shown}, the layer is {list(shape)}")
             t = tensors[key]
             if field == "packed_shapes":
-                nbytes = (math.prod(shape) * fmt.bits + 7) // 8
+                nbytes = packed_bytes(math.prod(shape), fmt.bits)
                 if t.dtype != torch.uint8 or tuple(t.shape) != (nbytes,):
                     raise misfit(f"packed codes {key} are {_dtype_name(t.dtype)} {list(t.shape)}, "
                                  f"expected uint8 [{nbytes}]")

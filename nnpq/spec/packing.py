@@ -63,16 +63,25 @@ def decode_codes(coded: Tensor, shape: tuple[int, int]) -> Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.int8).reshape(shape[1], shape[0]).t().contiguous()
 
 
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` codes stored plainly: int8 at 8 bits, `pack_codes` below."""
+    return count if bits >= 8 else (count * bits + 7) // 8
+
+
+def _worth_coding(coded: int, plain: int) -> bool:
+    return coded <= (1 - MIN_SAVING) * plain
+
+
 def store_codes(codes: Tensor, bits: int, lowest: int) -> tuple[str | None, Tensor]:
     """How int8 ``codes`` of a ``bits``-wide format are stored: ``(None, codes)`` as they are (8
     bits), ``(PACKED, bytes)`` (narrower), or ``(CODED, bytes)`` where that saves `MIN_SAVING`."""
-    plain: tuple[str | None, Tensor] = (PACKED, pack_codes(codes, bits, lowest)) if bits < 8 else (None, codes)
     coded = encode_codes(codes)
-    return (CODED, coded) if coded.numel() <= (1 - MIN_SAVING) * plain[1].numel() else plain
+    if _worth_coding(coded.numel(), packed_bytes(codes.numel(), bits)):
+        return CODED, coded
+    return (PACKED, pack_codes(codes, bits, lowest)) if bits < 8 else (None, codes)
 
 
 def stored_code_bytes(codes: Tensor, bits: int) -> int:
     """Bytes `store_codes` spends on ``codes``."""
-    plain = codes.numel() if bits >= 8 else (codes.numel() * bits + 7) // 8
-    coded = encode_codes(codes).numel()
-    return coded if coded <= (1 - MIN_SAVING) * plain else plain
+    plain, coded = packed_bytes(codes.numel(), bits), encode_codes(codes).numel()
+    return coded if _worth_coding(coded, plain) else plain
