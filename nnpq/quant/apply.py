@@ -61,6 +61,18 @@ def nearest(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight
     return quantize_nearest(weight, fmt)
 
 
+def round_weight(weight: Tensor, fmt: TensorFormat, stats: LayerStats | None, rounding: RoundingSettings,
+                 equalize: bool, damp: float) -> QuantizedWeight:
+    """``weight`` (out, in) rounded to the integer ``fmt`` as a plan says: with input equalization,
+    by GPTQ at damping ``damp``, or to nearest (the method says so, or there are no ``stats``: the
+    element is absent from the calibration data)."""
+    if stats is None or (rounding.method == "nearest" and not equalize):
+        return quantize_nearest(weight, fmt)
+    if equalize:
+        return equalized_quantize(weight, fmt, stats, rounding.force_weight, damp, rounding.method)
+    return gptq_quantize(weight, stats.hessian(rounding.force_weight), fmt, damp)
+
+
 def _layer_maker(plan: QuantPlan, quantizer: WeightQuantizer,
                  stats: dict[tuple[int, str], LayerStats] | None = None, bias_correction: bool = False):
     def make(key: LayerKey, fmt: TensorFormat, linear: torch.nn.Linear) -> torch.nn.Module:
@@ -112,14 +124,8 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
         stats = collect_layer_stats(model, layer, calibration, rounding.tangents, seed + layer)
 
         def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
-            if key[:2] not in stats:  # element absent from the calibration data
-                return quantize_nearest(weight, fmt)
-            damp = plan.damp_for(*key) or rounding.damp
-            if plan.equalize_for(*key):
-                return equalized_quantize(weight, fmt, stats[key[:2]], rounding.force_weight, damp, rounding.method)
-            if rounding.method == "nearest":
-                return quantize_nearest(weight, fmt)
-            return gptq_quantize(weight, stats[key[:2]].hessian(rounding.force_weight), fmt, damp)
+            return round_weight(weight, fmt, stats.get(key[:2]), rounding, plan.equalize_for(*key),
+                                plan.damp_for(*key) or rounding.damp)
 
         replace_layers(model, plan, _layer_maker(plan, quantizer, stats, rounding.bias_correction), only_layer=layer)
     return model.eval()

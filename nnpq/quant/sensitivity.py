@@ -21,11 +21,8 @@ from torchani.arch import ANI
 
 from nnpq.models import ANIPotential
 from nnpq.models.fp32 import hidden_and_final_layers, n_layers
-from nnpq.quant.apply import RoundingSettings
-from nnpq.quant.equalize import equalized_quantize
+from nnpq.quant.apply import RoundingSettings, round_weight
 from nnpq.spec.formats import TensorFormat
-from nnpq.quant.gptq import gptq_quantize
-from nnpq.quant.quantizers import quantize_nearest
 from nnpq.quant.stats import LayerStats, collect_layer_stats
 from nnpq.structures import Configuration
 from nnpq.units import HARTREE_TO_KCAL_MOL
@@ -183,12 +180,7 @@ def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[
                 w.to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt.kind]).to(torch.float32)
             nbytes += fmt.bits_per_weight(w.shape[1]) / 8 * w.numel()
             continue
-        if equalize and key[:2] in stats:
-            qw = equalized_quantize(w, fmt, stats[key[:2]], rounding.force_weight, damp, rounding.method)
-        elif rounding.method == "gptq" and key[:2] in stats:
-            qw = gptq_quantize(w, stats[key[:2]].hessian(rounding.force_weight), fmt, damp)
-        else:
-            qw = quantize_nearest(w, fmt)
+        qw = round_weight(w, fmt, stats.get(key[:2]), rounding, equalize, damp)
         out[key] = qw.dequantize()
         nbytes += qw.stored_bytes(fmt)
     return out, nbytes
