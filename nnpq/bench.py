@@ -149,6 +149,7 @@ def run_bench(model: str | list[str], device: str = "cpu", systems: tuple[str, .
     files of one FP32 model (plans to compare) are timed in the same interleaved rounds."""
     from tqdm import tqdm
 
+    from nnpq.artifact import read_artifact
     from nnpq.models import load_potential, model_spec
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -159,7 +160,7 @@ def run_bench(model: str | list[str], device: str = "cpu", systems: tuple[str, .
         raise NnpqError("--repeats must be at least 1")
     models = [model] if isinstance(model, str) else list(model)
     files = [m for m in models if m.endswith(".nnpq")]
-    names = {load_potential(m).model_name for m in files} or {model_spec(models[0]).name}
+    names = {read_artifact(m).model_name for m in files} or {model_spec(models[0]).name}
     if len(names) > 1 or len(files) < len(models) > 1:
         raise NnpqError(f"bench compares .nnpq files of one FP32 model; got {', '.join(models)}")
     fp32_name = names.pop()
