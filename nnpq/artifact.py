@@ -32,12 +32,12 @@ from nnpq.atomic_io import write_bytes_atomic
 from nnpq.errors import NnpqError
 from nnpq.models.fp32 import MODEL_SPECS, assemble_architecture, n_layers
 from nnpq.spec.formats import ACTIVATION_MODES, ACTIVATION_RANGES, GRANULARITIES, KINDS, code_range
-from nnpq.spec.packing import (CODED, PACKED, decode_codes, packed_bytes, store_codes, stored_code_bytes,
-                                unpack_codes)
+from nnpq.spec.packing import (CODED, PACKED, decode_codes, narrows_to_bf16, packed_bytes, store_codes,
+                                stored_code_bytes, stored_float_bytes, unpack_codes)
 from nnpq.spec.plan import QuantPlan
 
 FORMAT_NAME = "nnpq"
-FORMAT_VERSION = 2  # 2: integer codes may be entropy-coded (coded_shapes)
+FORMAT_VERSION = 3  # 2: integer codes may be entropy-coded (coded_shapes); 3: float32 tensors as bfloat16 (bf16_tensors)
 MANIFEST_KEY = "nnpq_manifest"
 MAX_HEADER_BYTES = 100_000_000  # an ANI-2x header is ~0.2 MB; a larger claim is damage or an attack
 FIX = "re-create it with 'nnpq quantize'"
@@ -73,11 +73,10 @@ def _code_tensors(tensors: dict[str, torch.Tensor], plan: QuantPlan, n_hidden: i
 
 def stored_tensor_bytes(model: torch.nn.Module, plan: QuantPlan) -> int:
     """Bytes of tensor data ``save_artifact`` would write for ``model`` (codes as `store_codes`
-    stores them; header and manifest not included)."""
+    stores them, floats as `stored_float_bytes`; header and manifest not included)."""
     tensors = model.state_dict()
     codes = {key: bits for key, bits, _ in _code_tensors(tensors, plan, n_layers(model) - 1)}
-    return sum(stored_code_bytes(t, codes[k]) if k in codes else t.numel() * t.element_size()
-               for k, t in tensors.items())
+    return sum(stored_code_bytes(t, codes[k]) if k in codes else stored_float_bytes(t) for k, t in tensors.items())
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -110,6 +109,9 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         if how is not None:
             shapes[how][key] = list(tensors[key].shape)
             tensors[key] = stored
+    narrowed = sorted(k for k, t in tensors.items() if narrows_to_bf16(t))  # exact: scales sit on its grid
+    for key in narrowed:
+        tensors[key] = tensors[key].to(torch.bfloat16)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -120,6 +122,7 @@ def save_artifact(path: str | os.PathLike, model: torch.nn.Module, plan: QuantPl
         "tensors_sha256": tensors_sha256(tensors),
         "packed_shapes": shapes[PACKED],
         "coded_shapes": shapes[CODED],
+        "bf16_tensors": narrowed,
         "metrics": metrics or {},
     }
     if domain is not None:
@@ -305,7 +308,7 @@ def _check_manifest(manifest: Any, name: str) -> QuantPlan:
     if version < 1:
         raise _damaged(name, f"format_version {version} is not a format version; nnpq writes 1 to {FORMAT_VERSION}")
     fields.only({"format", "format_version", "nnpq_version", "created", "source", "plan", "tensors_sha256",
-                 "packed_shapes", "coded_shapes", "metrics", "domain"})
+                 "packed_shapes", "coded_shapes", "bf16_tensors", "metrics", "domain"})
     if "domain" in manifest:
         _check_domain(fields.get("domain", "an object"), manifest.get("source", {}), name)
     fields.get("nnpq_version", "a string")
@@ -317,6 +320,8 @@ def _check_manifest(manifest: Any, name: str) -> QuantPlan:
         for key, shape in fields.get(field, "an object", {}).items():
             if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
                 raise _damaged(name, f"{field}[{_show(key)}] must be a list of sizes, got {_show(shape)}")
+    fields.get("bf16_tensors", "a list", [], check=lambda v: all(isinstance(k, str) for k in v) and
+               len(set(v)) == len(v), expect="a list of distinct tensor names")
     raw_source = fields.get("source", "an object")
     source = _Fields(raw_source, "source.", name, set(raw_source))
     source.get("model", "a string", check=lambda v: v in MODEL_SPECS, expect=f"one of {', '.join(MODEL_SPECS)}")
@@ -482,6 +487,12 @@ def _unpack_and_check_layout(tensors: dict[str, torch.Tensor], manifest: dict[st
                 out[key] = decode_codes(t, shape)
             except ValueError as exc:
                 raise _damaged(name, f"coded codes {key}: {exc}") from None
+    for key in manifest.get("bf16_tensors", []):
+        if key not in layout.shapes or layout.shapes[key][1] != torch.float32:
+            raise _damaged(name, f"bf16_tensors names {_show(key)[1:-1]}, which is not a float32 tensor of the model")
+        if out[key].dtype != torch.bfloat16:
+            raise misfit(f"{key} is {_dtype_name(out[key].dtype)}, listed as stored in bfloat16")
+        out[key] = out[key].to(torch.float32)
     for key, (shape, dtype) in layout.shapes.items():
         t = out[key]
         if t.dtype != dtype or tuple(t.shape) != shape:

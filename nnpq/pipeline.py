@@ -151,7 +151,7 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
                    equalized: tuple[int, ...] = EQUALIZED_LAYERS) -> float:
     """About the size of the smallest plan the candidates allow: each hidden layer in its
     narrowest candidate, rounded to nearest and stored as a model file stores its codes (GPTQ's
-    codes take about as many bytes), with the float32 equalization factors of ``equalized`` layers."""
+    codes take about as many bytes), with the bfloat16 equalization factors of ``equalized`` layers."""
     from nnpq.quant.quantizers import quantize_nearest
 
     final = n_layers(fp32) - 1  # the width-1 final layers stay FP32
@@ -163,7 +163,7 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
         if not narrowest.is_integer:
             return (narrowest.bits_per_weight(lin.in_features) / 8 - 4) * lin.weight.numel()
         stored = quantize_nearest(lin.weight.detach(), narrowest).stored_bytes(narrowest)
-        return stored + 4 * lin.in_features * (key[2] in equalized) - 4 * lin.weight.numel()
+        return stored + 2 * lin.in_features * (key[2] in equalized) - 4 * lin.weight.numel()
 
     return _fp32_bytes_plus(fp32, change)
 

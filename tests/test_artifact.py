@@ -73,21 +73,30 @@ def _rewrite_manifest(src: Path, dst: Path, edit) -> Path:
 def _rewrite_tensors(src: Path, dst: Path, edit, stored: bool = False) -> Path:
     """Copy ``src`` to ``dst`` with ``edit(tensors)`` applied and the checksum recomputed, so that
     only the loader's own checks can catch the change. ``edit`` sees entropy-coded codes decoded
-    (and int8 results are coded again; others are left plain), or with ``stored`` the bytes as stored."""
+    and bfloat16-stored floats widened (and results of the stored type are stored so again; others
+    are left plain), or with ``stored`` the bytes as stored."""
     from nnpq.spec.packing import decode_codes, encode_codes
 
     data = src.read_bytes()
     manifest = json.loads(_header(data)["__metadata__"][MANIFEST_KEY])
     tensors = safetensors.torch.load(data)
     coded = {} if stored else manifest.get("coded_shapes", {})
+    narrowed = [] if stored else manifest.get("bf16_tensors", [])
     for key, shape in coded.items():
         tensors[key] = decode_codes(tensors[key], tuple(shape))
+    for key in narrowed:
+        tensors[key] = tensors[key].to(torch.float32)
     edit(tensors)
     for key in list(coded):
         if tensors[key].dtype == torch.int8:
             tensors[key] = encode_codes(tensors[key])
         else:
             del manifest["coded_shapes"][key]
+    for key in list(narrowed):
+        if tensors[key].dtype == torch.float32:
+            tensors[key] = tensors[key].to(torch.bfloat16)
+        else:
+            narrowed.remove(key)
     manifest["tensors_sha256"] = tensors_sha256(tensors)
     dst.write_bytes(safetensors.torch.save(tensors, metadata={MANIFEST_KEY: json.dumps(manifest)}))
     return dst
@@ -157,7 +166,7 @@ def test_manifest_contents(w8_path):
     artifact = read_artifact(w8_path)
     manifest = artifact.manifest
     assert manifest["format"] == "nnpq"
-    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format_version"] == FORMAT_VERSION == 3
     assert manifest["nnpq_version"] == nnpq.__version__
     assert manifest["source"]["model"] == "ani2x" == artifact.model_name
     assert manifest["source"]["state_dict_file"] == "ani2x_state_dict.pt"
@@ -182,14 +191,16 @@ def test_file_is_safetensors_with_int8_codes(w8_path):
     header = json.loads(data[8:8 + size])
     assert MANIFEST_KEY in header["__metadata__"]
 
-    coded = json.loads(header["__metadata__"][MANIFEST_KEY])["coded_shapes"]
+    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    coded = manifest["coded_shapes"]
     with safe_open(str(w8_path), framework="pt") as fh:
         keys = list(fh.keys())
         qweights = [k for k in keys if k.endswith(".qweight")]
         assert len(qweights) == 8 * 7 * 3
         for key in qweights[:: 21]:  # per-channel INT8 codes: entropy-coded uint8 streams of the int8 codes
             assert key in coded and fh.get_tensor(key).dtype == torch.uint8, key
-            assert fh.get_tensor(key[: -len("qweight")] + "scale").dtype == torch.float32
+            scale = key[: -len("qweight")] + "scale"  # on the bfloat16 grid, stored so
+            assert scale in manifest["bf16_tensors"] and fh.get_tensor(scale).dtype == torch.bfloat16
         assert header[qweights[-1]]["dtype"] == "U8"
         # final layers are kept as FP32 Linear weights
         assert any(k.endswith("final_layer.weight") and header[k]["dtype"] == "F32" for k in keys)
@@ -392,7 +403,7 @@ def test_duplicate_keys_and_overlapping_tensor_data(w8_path, tmp_path):
 
 def test_format_version_zero(w8_path, tmp_path):
     zero = _rewrite_manifest(w8_path, tmp_path / "v0.nnpq", lambda m: m.update(format_version=0))
-    _one_line_error(zero, "format_version 0 is not a format version; nnpq writes 1 to 2")
+    _one_line_error(zero, "format_version 0 is not a format version; nnpq writes 1 to 3")
     text = _rewrite_manifest(w8_path, tmp_path / "vtext.nnpq", lambda m: m.update(format_version="1"))
     _one_line_error(text, "field format_version must be an integer, got '1'")
 
@@ -519,6 +530,41 @@ def test_decode_refuses_streams_that_do_not_hold_the_layer():
     bomb = encode_codes(torch.zeros(2000, 10_000, dtype=torch.int8))  # 20 MB of zeros in a few kB
     with pytest.raises(ValueError, match="does not hold exactly 128 codes"):
         decode_codes(bomb, (16, 8))
+
+
+def test_scales_sit_on_the_bfloat16_grid_and_never_clip():
+    """Scales are rounded up onto bfloat16 (so a file stores them in 2 bytes, losslessly): the
+    step grows by at most 2^-7 and the largest weight of every row still gets a code."""
+    from nnpq.quant.quantizers import quant_params, quantize_nearest
+    from nnpq.spec.formats import TensorFormat
+    from nnpq.spec.packing import bf16_ceil, narrows_to_bf16
+
+    values = torch.rand(10_000) * 10.0 ** torch.randint(-8, 3, (10_000,)).float()
+    up = bf16_ceil(values)
+    assert torch.all(up >= values) and torch.all(up <= values * (1 + 2.0 ** -7))
+    assert torch.equal(up.to(torch.bfloat16).to(torch.float32), up) and torch.equal(bf16_ceil(up), up)
+    w = torch.randn(64, 1008) * torch.rand(64, 1)
+    for fmt in (TensorFormat("int", 8, "channel"), TensorFormat("int", 6, "group", 32, False)):
+        scale, _, _ = quant_params(w, fmt)
+        assert narrows_to_bf16(scale) or scale.numel() < 64
+        qw = quantize_nearest(w, fmt)
+        step = scale.repeat_interleave(qw.group_size, dim=1)
+        assert torch.all((qw.dequantize() - w).abs() <= step / 2 * (1 + 1e-5))  # nothing clipped
+
+
+def test_bfloat16_list_is_checked(w8_path, tmp_path):
+    key = read_artifact(w8_path).manifest["bf16_tensors"][0]
+    codes = _first(read_artifact(w8_path).tensors, "qweight")
+    _one_line_error(_rewrite_manifest(w8_path, tmp_path / "list.nnpq", lambda m: m["bf16_tensors"].append(codes)),
+                    f"bf16_tensors names {codes}, which is not a float32 tensor")
+    _one_line_error(_rewrite_manifest(w8_path, tmp_path / "twice.nnpq", lambda m: m["bf16_tensors"].append(key)),
+                    "field bf16_tensors must be a list of distinct tensor names")
+
+    def widen(tensors):
+        tensors[key] = tensors[key].to(torch.float32)
+
+    _one_line_error(_rewrite_tensors(w8_path, tmp_path / "wide.nnpq", widen, stored=True),
+                    f"{key} is float32, listed as stored in bfloat16")
 
 
 def test_damaged_coded_stream_is_one_line(w8_path, tmp_path):

@@ -189,8 +189,11 @@ def with_tensors(original: Original, stored: dict[str, torch.Tensor]) -> bytes:
 
 
 def loaded_form(original: Original, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``stored`` as a model holds it: packed codes expanded with the plan's widths, coded ones decoded."""
+    """``stored`` as a model holds it: packed codes expanded with the plan's widths, coded ones decoded,
+    bfloat16-stored floats widened."""
     out = dict(stored)
+    for key in original.manifest["bf16_tensors"]:
+        out[key] = stored[key].to(torch.float32)
     for key, shape in original.manifest["coded_shapes"].items():
         out[key] = decode_codes(stored[key], tuple(shape))
     for key, shape in original.manifest["packed_shapes"].items():

@@ -48,7 +48,8 @@ def equalized_quantize(weight: Tensor, fmt: TensorFormat, stats: LayerStats, for
     w64 = weight.detach().to(torch.float64)
     best, best_loss = None, float("inf")
     for alpha in ALPHAS:
-        s = equalization_factors(rms, alpha).to(torch.float32)
+        # on the bfloat16 grid, so a model file stores them in 2 bytes each (any factor works)
+        s = equalization_factors(rms, alpha).to(torch.bfloat16).to(torch.float32)
         scaled = weight.detach() * s
         if method == "gptq":
             s64 = s.to(torch.float64)

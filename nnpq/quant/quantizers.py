@@ -10,7 +10,7 @@ from torch import Tensor
 from nnpq.errors import NnpqError
 from nnpq.kernels.int8 import dequantize_weight
 from nnpq.spec.formats import TensorFormat, code_range
-from nnpq.spec.packing import stored_code_bytes
+from nnpq.spec.packing import bf16_ceil, stored_code_bytes, stored_float_bytes
 
 
 @dataclass
@@ -31,11 +31,11 @@ class QuantizedWeight:
 
     def stored_bytes(self, fmt: TensorFormat) -> int:
         """Bytes this weight takes in a model file: codes as `nnpq.spec.packing.store_codes` stores
-        them, float32 scales, int8 zero points (asymmetric formats), float32 equalization factors."""
+        them, scales and equalization factors as `stored_float_bytes`, int8 zero points (asymmetric formats)."""
         extra = 0 if fmt.symmetric else self.zero.numel()
         if self.col_scale is not None:
-            extra += 4 * self.col_scale.numel()
-        return stored_code_bytes(self.qweight, fmt.bits) + 4 * self.scale.numel() + extra
+            extra += stored_float_bytes(self.col_scale)
+        return stored_code_bytes(self.qweight, fmt.bits) + stored_float_bytes(self.scale) + extra
 
 
 def _group_view(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, int]:
@@ -50,17 +50,18 @@ def _group_view(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, int]:
 
 
 def quant_params(w: Tensor, fmt: TensorFormat) -> tuple[Tensor, Tensor, int]:
-    """Scales and zero points (both ``(rows, groups)``, float32) for ``w`` by min-max range."""
+    """Scales and zero points (both ``(rows, groups)``, float32) for ``w`` by min-max range; scales
+    are rounded up onto the bfloat16 grid, so a model file stores them in half the bytes."""
     groups, group_size = _group_view(w.detach().to(torch.float32), fmt)
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        scale = groups.abs().amax(dim=-1) / qmax
+        scale = bf16_ceil(groups.abs().amax(dim=-1) / qmax)
         zero = torch.zeros_like(scale)
     else:
         levels = 2**fmt.bits - 1
         lo = groups.amin(dim=-1).clamp(max=0.0)
         hi = groups.amax(dim=-1).clamp(min=0.0)
-        scale = (hi - lo) / levels
+        scale = bf16_ceil((hi - lo) / levels)
         # codes live in [-2^(b-1), 2^(b-1)-1] so that they fit int8 for every width
         zero = torch.round(-lo / scale.clamp(min=torch.finfo(torch.float32).tiny)) - 2 ** (fmt.bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: any scale works

@@ -1,5 +1,6 @@
 """How integer codes are stored on disk: bit packing of codes narrower than 8 bits, or entropy
-coding (LZMA, as xz streams).
+coding (LZMA, as xz streams); and float32 tensors whose values bfloat16 holds exactly (the
+quantizers put scales and equalization factors on that grid) stored in half the bytes.
 
 Quantized weights are far from uniform over their code range (per-channel INT8 codes of ANI-2x
 carry ~5.9 bits of information each: one large weight sets each row's scale and most codes sit
@@ -20,6 +21,7 @@ from torch import Tensor
 
 PACKED, CODED = "packed", "coded"
 MIN_SAVING = 0.05  # coding costs a decode at load: used only where it saves at least this share
+MIN_NARROWED = 64  # a float32 tensor is stored as bfloat16 from this many values (its name costs header bytes)
 
 
 def pack_codes(codes: Tensor, bits: int, lowest: int) -> Tensor:
@@ -85,3 +87,21 @@ def stored_code_bytes(codes: Tensor, bits: int) -> int:
     """Bytes `store_codes` spends on ``codes``."""
     plain, coded = packed_bytes(codes.numel(), bits), encode_codes(codes).numel()
     return coded if _worth_coding(coded, plain) else plain
+
+
+def bf16_ceil(values: Tensor) -> Tensor:
+    """Positive float32 ``values`` rounded up to the nearest bfloat16 value (kept as float32):
+    a scale on that grid is stored in 2 bytes, and rounding up never clips a weight."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
+
+
+def narrows_to_bf16(t: Tensor) -> bool:
+    """Whether float32 ``t`` is stored as bfloat16: every value exact there, and enough of them."""
+    return t.dtype == torch.float32 and t.numel() >= MIN_NARROWED and \
+        bool(torch.equal(t.to(torch.bfloat16).to(torch.float32), t))
+
+
+def stored_float_bytes(t: Tensor) -> int:
+    """Bytes a model file spends on float tensor ``t``."""
+    return t.numel() * (2 if narrows_to_bf16(t) else t.element_size())
