@@ -70,6 +70,21 @@ def test_equalization_factors_are_bounded_and_neutral_where_unseen():
     assert torch.equal(equalization_factors(rms, 0.0), torch.ones_like(rms))
 
 
+def test_coverage_plan_rounds_first_layers_and_keeps_the_rest_as_asked():
+    from nnpq.pipeline import coverage_plan
+    from nnpq.spec.formats import INT8_G8_ASYM, NO_ACTIVATION
+
+    coverage = {"H": {"excited_fraction": 0.97}, "S": {"excited_fraction": 0.6}}
+    plan = coverage_plan(INT8_G8_ASYM, NO_ACTIVATION, "gptq", coverage, 0.9)
+    assert plan.format_for(0, "H", 0) == INT8_G8_ASYM and plan.equalize_for(0, "H", 0)
+    assert plan.format_for(0, "S", 0).kind == "fp16"
+    assert all(plan.format_for(3, e, layer).kind == "fp16" for e in coverage for layer in (1, 2))
+    assert plan.description.startswith("uniform int8/g8/asym on first layers, fp16 later hidden layers, fp16 first")
+    same = coverage_plan(INT8_G8_ASYM, NO_ACTIVATION, "gptq", coverage, 0.0, later=None)
+    assert all(same.format_for(0, e, layer) == INT8_G8_ASYM for e in coverage for layer in (0, 1, 2))
+    assert same.description == "uniform int8/g8/asym on hidden layers, final layers fp32"
+
+
 @pytest.fixture(scope="module")
 def split_quantize(tmp_path_factory):
     """The default pipeline (GPTQ + equalization + refit) on a small library subset, with the
@@ -91,6 +106,9 @@ def test_default_plan_no_worse_than_rtn_on_held_out_chemistry(split_quantize):
     # the networks calibration covers poorly keep their first layer in fp16, the others are rounded
     sparse = {e for e, c in result.coverage.items() if c["excited_fraction"] < 0.9}
     assert sparse and {e for e in result.coverage if result.plan.format_for(0, e, 0).kind == "fp16"} == sparse
+    # and the later hidden layers, whose inputs also leave the calibrated range, are fp16 too
+    assert all(result.plan.format_for(m, e, layer).kind == "fp16" for m in range(8) for e in result.coverage
+               for layer in (1, 2))
     ours = result.heldout["this plan"]["chemistry"]["per_molecule"]
     rtn = result.heldout["int8/g32/asym RTN"]["chemistry"]["per_molecule"]
     assert len(ours) >= 5 and set(ours) == set(rtn)
