@@ -87,14 +87,17 @@ def test_coverage_plan_rounds_first_layers_and_keeps_the_rest_as_asked():
 
 @pytest.fixture(scope="module")
 def split_quantize(tmp_path_factory):
-    """The default pipeline (GPTQ + equalization + refit) on a small library subset, with the
-    held-out chemistry molecules and the RTN int8/g32/asym baseline measured on them."""
+    """The default pipeline (GPTQ + equalization + refit) on the whole library but one built-in
+    system, with the held-out chemistry molecules and the RTN int8/g32/asym baseline measured on
+    them. A 60-molecule subset is too thin to judge per molecule: its coverage is lower, and the
+    RMSE of a 4-atom molecule over 3 frames is a draw (RTN int8/g32/asym on acetylene: 0.07-0.25
+    kcal/mol/Å across frame sets), so the ratios it gave swung between 0.8 and 1.7 with the code."""
     from nnpq.pipeline import QuantizeOptions, quantize_to_file
     from nnpq.quant.calibration import CalibrationSettings
     from nnpq.quant.refit import RefitSettings
 
     settings = CalibrationSettings(systems=("ethanol",), temperatures=(300.0,), frames_per_temperature=2,
-                                   displaced=1, library_kinds=("md300K/0", "md600K/0"), library_limit=60, seed=0)
+                                   displaced=1, library_kinds=("md300K/0", "md600K/0"), seed=0)
     options = QuantizeOptions(calibration=settings, refit=RefitSettings(steps=3))
     path = tmp_path_factory.mktemp("gen") / "gen.nnpq"
     return path, quantize_to_file("ani2x", path, options)
@@ -115,7 +118,7 @@ def test_default_plan_no_worse_than_rtn_on_held_out_chemistry(split_quantize):
     worse = {m: (ours[m]["force_rmse"], rtn[m]["force_rmse"]) for m in ours
              if ours[m]["force_rmse"] > rtn[m]["force_rmse"]}
     assert not worse, worse
-    # a 60-molecule calibration (the default has ~160): energies well below rounding's, near the 0.005 target
+    # one built-in system instead of five: energies well below rounding's, near the 0.005 target
     energy = result.heldout["this plan"]["chemistry"]["energy_mae_per_atom"]
     assert energy < 0.5 * result.heldout["int8/g32/asym RTN"]["chemistry"]["energy_mae_per_atom"] and energy < 0.01
 
