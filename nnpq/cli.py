@@ -77,7 +77,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         TensorFormat.parse(label) for label in args.candidates.split(","))
     options = QuantizeOptions(
         candidates=candidates, weight=TensorFormat.parse(args.weight),
-        later=None if args.later_layers == "same" else TensorFormat.parse(args.later_layers), min_coverage=args.min_coverage, activation=ActivationFormat(mode=args.activation),
+        later=None if args.later_layers == "same" else TensorFormat.parse(args.later_layers),
+        min_coverage=args.min_coverage, activation=ActivationFormat(mode=args.activation),
         rounding=_rounding(args), max_force_rmse=args.max_force_rmse, max_energy_rmse=args.max_energy_rmse,
         max_bytes=None if args.max_size is None else _parse_size(args.max_size),
         calibration=_calibration_settings(args), report_dir=args.report_dir, baselines=not args.no_baselines,
