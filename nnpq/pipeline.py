@@ -155,6 +155,7 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
     narrowest candidate, rounded to nearest and stored as a model file stores its codes (GPTQ's
     codes take about as many bytes), with the bfloat16 equalization factors of ``equalized`` layers."""
     from nnpq.quant.quantizers import quantize_nearest
+    from nnpq.spec.packing import stored_float_bytes
 
     final = n_layers(fp32) - 1  # the width-1 final layers stay FP32
 
@@ -165,7 +166,8 @@ def smallest_bytes(candidates: tuple[TensorFormat, ...], fp32: torch.nn.Module,
         if not narrowest.is_integer:
             return (narrowest.bits_per_weight(lin.in_features) / 8 - 4) * lin.weight.numel()
         stored = quantize_nearest(lin.weight.detach(), narrowest).stored_bytes(narrowest)
-        return stored + 2 * lin.in_features * (key[2] in equalized) - 4 * lin.weight.numel()
+        factors = stored_float_bytes(torch.ones(lin.in_features)) if key[2] in equalized else 0
+        return stored + factors - 4 * lin.weight.numel()
 
     return _fp32_bytes_plus(fp32, change)
 
@@ -186,18 +188,18 @@ def coverage_plan(weight: TensorFormat, activation: ActivationFormat, method: st
     plan = uniform_plan(weight, activation=activation, rounding=method, equalize=EQUALIZED_LAYERS)
     if not weight.is_integer:
         return plan
-    rules, notes = plan.rules, []
+    rules, notes, where = plan.rules, [], " on hidden layers"
     if later is not None and later != weight:
         rules = tuple(rule if rule.layer == 0 else PlanRule(later, element=rule.element, layer=rule.layer)
                       for rule in rules)
         notes.append(f"{later.label()} later hidden layers")
+        where = " on first layers"
     sparse = [e for e, c in coverage.items() if c["excited_fraction"] < min_coverage]
     if sparse:
         rules += tuple(PlanRule(FP16, element=e, layer=0) for e in sparse)
         notes.append(f"fp16 first layers of {', '.join(sparse)} (calibration coverage < {100 * min_coverage:.0f}%)")
     if not notes:
         return plan
-    where = " on first layers" if later is not None and later != weight else " on hidden layers"
     return dataclasses.replace(plan, rules=rules, description=plan.description.replace(
         " on hidden layers", where + ", " + ", ".join(notes)))
 

@@ -103,5 +103,5 @@ def narrows_to_bf16(t: Tensor) -> bool:
 
 
 def stored_float_bytes(t: Tensor) -> int:
-    """Bytes a model file spends on float tensor ``t``."""
+    """Bytes a model file spends on tensor ``t`` (any but integer codes: those are `stored_code_bytes`)."""
     return t.numel() * (2 if narrows_to_bf16(t) else t.element_size())
