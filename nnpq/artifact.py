@@ -248,7 +248,8 @@ def _check_plan(data: Any, model_name: str, name: str) -> QuantPlan:
     plan.get("extra", "an object", {})
     for i, raw in enumerate(rules):
         where = f"plan.rules[{i}]."
-        rule = _Fields(raw, where, name, {"element", "layer", "member", "weight", "activation", "equalize", "damp"})
+        rule = _Fields(raw, where, name, {"element", "layer", "member", "weight", "activation", "equalize", "damp",
+                                            "rounding"})
         rule.get("element", "a string or null", None, lambda v: v is None or v in arch.symbols,
                  f"one of {', '.join(arch.symbols)} (the elements of {model_name})")
         rule.get("layer", "an integer or null", None, lambda v: v is None or 0 <= v < arch.layers,
@@ -257,6 +258,7 @@ def _check_plan(data: Any, model_name: str, name: str) -> QuantPlan:
                  f"an ensemble member from 0 to {arch.members - 1}")
         rule.get("equalize", "true or false", False)
         rule.get("damp", "a number or null", None, lambda v: v is None or v > 0, "a positive damping or null")
+        rule.get("rounding", "a string or null", None, lambda v: v in (None, "nearest"), "'nearest' or null")
         weight = _Fields(rule.get("weight", "an object"), where + "weight.", name,
                          {"kind", "bits", "granularity", "group_size", "symmetric"})
         kind = weight.get("kind", "a string", check=lambda v: v in KINDS, expect=f"one of {', '.join(KINDS)}")

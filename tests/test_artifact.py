@@ -424,6 +424,7 @@ def test_plan_rules_out_of_range(w8_path, tmp_path):
         "member": (lambda r: r.update(member=8), "member must be an ensemble member from 0 to 7, got 8"),
         "kind": (lambda r: r["weight"].update(kind="int3"), "weight.kind must be one of int, fp32, fp16, bf16"),
         "unknown": (lambda r: r.update(colour="red"), "unexpected field plan.rules[0].colour"),
+        "rounding": (lambda r: r.update(rounding="gptq"), "rounding must be 'nearest' or null, got 'gptq'"),
     }
     for label, (edit, phrase) in cases.items():
         bad = _rewrite_manifest(w8_path, tmp_path / f"{label}.nnpq", lambda m: edit(m["plan"]["rules"][0]))

@@ -2,7 +2,11 @@
 
 Additive error model: the force MSE of a plan on each calibration source (built-in system
 or user file) is predicted as the sum of the force MSEs its units cause alone there
-(likewise the per-atom energy MSE); size is additive exactly. Error budgets hold on every
+(likewise the per-atom energy MSE); size is additive exactly. Under a size budget the plan is
+then refined on superposed errors: a plan's force error vector is the sum of its units' error
+vectors (measured alone), which keeps the cross terms that summing MSEs drops (on ANI-2x the
+superposed MSE of a molecule is within 0.92-1.12 of the measured one for 90% of molecules, the
+summed MSE within 0.64-2.2). Error budgets hold on every
 source, and under a size budget the worst source's error is minimized, so that rare
 elements (S, F, Cl appear in one molecule) are not sacrificed to the common ones. Solved
 exactly as a mixed 0-1 program with scipy's ``milp`` (one-hot choice per unit), with a
@@ -12,7 +16,7 @@ budgets are corrected by their ratio (`nnpq.pipeline`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,6 +25,7 @@ from nnpq.spec.plan import PlanRule, QuantPlan
 from nnpq.quant.sensitivity import SensitivityTable, Unit
 
 MEAN_WEIGHT = 1e-3  # under a size budget: among plans with the same worst source, prefer the lower mean
+LINEAR_ROUNDS = 8  # re-solves on the superposed errors under a size budget
 Budget = float | dict[str, float] | None  # MSE for every source, or per source
 
 
@@ -44,9 +49,11 @@ class Allocation:
         return float(np.sqrt(max(self.predicted_force_mse_by_source.values(), default=self.predicted_force_mse)))
 
     def to_plan(self, table: SensitivityTable, description: str) -> QuantPlan:
+        plain = set(table.damped) | set(table.nearest)  # variants rounded without equalization
         rules = tuple(PlanRule(weight=table.formats[label], element=e, layer=l,
-                               equalize=l in table.equalized_layers and label not in table.damped,
-                               damp=table.damped.get(label))
+                               equalize=l in table.equalized_layers and label not in plain,
+                               damp=table.damped.get(label),
+                               rounding="nearest" if label in table.nearest else None)
                       for (e, l), label in sorted(self.choice.items()) if label != "fp32")
         return QuantPlan(rules=rules, rounding="gptq", description=description)
 
@@ -95,10 +102,17 @@ def _problem(table: SensitivityTable, allowed: list[str] | None = None,
 
 
 def _result(table: SensitivityTable, p: _Problem, pick: np.ndarray, solver: str) -> Allocation:
+    """The allocation with its predicted errors: superposed where the table has error vectors, else summed."""
     rows = np.arange(len(p.units))
-    return Allocation({u: p.labels[j] for u, j in zip(p.units, pick)}, table.fixed_bytes + float(p.size[rows, pick].sum()),
-                      float(p.mean_force[rows, pick].sum()), float(p.mean_energy[rows, pick].sum()), solver,
-                      {s: float(p.force[k][rows, pick].sum()) for k, s in enumerate(p.sources)})
+    choice = {u: p.labels[j] for u, j in zip(p.units, pick)}
+    nbytes = table.fixed_bytes + float(p.size[rows, pick].sum())
+    if table.vectors:
+        _, _, force, energy = _superposed(table, p, pick)
+        counts = np.bincount(table.layout.energy_source, minlength=len(p.sources))
+        return Allocation(choice, nbytes, float(counts @ force / counts.sum()), float(counts @ energy / counts.sum()),
+                          solver, dict(zip(p.sources, force.tolist())))
+    return Allocation(choice, nbytes, float(p.mean_force[rows, pick].sum()), float(p.mean_energy[rows, pick].sum()),
+                      solver, {s: float(p.force[k][rows, pick].sum()) for k, s in enumerate(p.sources)})
 
 
 def allocate(table: SensitivityTable, max_force_mse: Budget = None, max_energy_mse: Budget = None,
@@ -131,10 +145,68 @@ def allocate(table: SensitivityTable, max_force_mse: Budget = None, max_energy_m
     used = "milp"
     if pick is None:
         pick, used = _greedy(p, table.fixed_bytes, max_force, max_energy, max_bytes, weight), "greedy"
+    if max_bytes is not None and solver == "milp" and table.vectors:
+        pick = _refine(table, p, pick, max_force, max_energy, max_bytes, weight)
+        used += "+superposed"
     return _result(table, p, pick, used)
 
 
-def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes, weight: np.ndarray) -> np.ndarray | None:
+def _superposed(table: SensitivityTable, p: _Problem, pick: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The plan's error vectors as the sums of its units', and their MSE per source."""
+    force = sum(table.vectors[(u, p.labels[j])][0].astype(np.float64) for u, j in zip(p.units, pick))
+    energy = sum(table.vectors[(u, p.labels[j])][1].astype(np.float64) for u, j in zip(p.units, pick))
+    return (force, energy) + table.layout.mse(force, energy)
+
+
+def _refine(table: SensitivityTable, p: _Problem, pick: np.ndarray, max_force, max_energy, max_bytes,
+            weight: np.ndarray) -> np.ndarray:
+    """Re-solve on the superposed errors: each (unit, format) costs the change in every source's
+    MSE that changing that unit alone makes (exact under superposition); combined changes interact,
+    so a plan is kept only if its superposed worst source improves, and otherwise fewer units may
+    change in the next round."""
+    layout = table.layout
+    n_units = len(p.units)
+
+    def objective(mse: np.ndarray) -> float:
+        return float((weight * mse).max() + MEAN_WEIGHT * (weight * mse).mean())
+
+    force, energy, force_mse, energy_mse = _superposed(table, p, pick)
+    best = objective(force_mse)
+    changes = n_units
+    for _ in range(LINEAR_ROUNDS):
+        linear_force, linear_energy = np.empty_like(p.force), np.empty_like(p.energy)
+        for i, u in enumerate(p.units):
+            now_force, now_energy = table.vectors[(u, p.labels[pick[i]])]
+            for c, label in enumerate(p.labels):
+                d_force = table.vectors[(u, label)][0].astype(np.float64) - now_force
+                d_energy = table.vectors[(u, label)][1].astype(np.float64) - now_energy
+                # |e + d|^2 - |e|^2 per source; the current MSE is split evenly over the units, so that
+                # a plan's sum over units is its MSE
+                linear_force[:, i, c] = force_mse / n_units + np.bincount(
+                    layout.force_source, layout.force_weight * (2 * force + d_force) * d_force, len(p.sources))
+                linear_energy[:, i, c] = energy_mse / n_units + np.bincount(
+                    layout.energy_source, layout.energy_weight * (2 * energy + d_energy) * d_energy, len(p.sources))
+        trial = _milp(replace(p, force=linear_force, energy=linear_energy), table.fixed_bytes, max_force, max_energy,
+                      max_bytes, weight, stay=(pick, changes))
+        if trial is None:
+            break
+        trial_force, trial_energy, trial_force_mse, trial_energy_mse = _superposed(table, p, trial)
+        feasible = (max_force is None or bool(np.all(trial_force_mse <= max_force))) and \
+            (max_energy is None or bool(np.all(trial_energy_mse <= max_energy)))
+        if feasible and objective(trial_force_mse) < best - 1e-12 * abs(best):
+            pick, force, energy, force_mse, energy_mse = trial, trial_force, trial_energy, trial_force_mse, trial_energy_mse
+            best = objective(force_mse)
+            continue
+        changes = int(np.sum(trial != pick)) // 2
+        if changes == 0:
+            break
+    return pick
+
+
+def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes, weight: np.ndarray,
+          stay: tuple[np.ndarray, int] | None = None) -> np.ndarray | None:
+    """The one-hot choice as a mixed 0-1 program; ``stay`` (a choice, a count) lets at most that
+    many units leave that choice."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n_units, n_choices = p.size.shape
@@ -153,6 +225,10 @@ def _milp(p: _Problem, fixed, max_force, max_energy, max_bytes, weight: np.ndarr
     for matrix, budget in ((force, max_force), (p.energy.reshape(n_sources, -1), max_energy)):
         if budget is not None:
             constraints.append(LinearConstraint(np.hstack([matrix, np.zeros((n_sources, 1))]), -np.inf, budget))
+    if stay is not None:
+        kept = np.zeros(n_x + 1)
+        kept[np.arange(n_units) * n_choices + stay[0]] = 1.0
+        constraints.append(LinearConstraint(kept[None, :], n_units - stay[1], np.inf))
     integrality = np.append(np.ones(n_x), 0)
     res = milp(objective, constraints=constraints, integrality=integrality,
                bounds=Bounds(np.zeros(n_x + 1), np.append(np.ones(n_x), np.inf)))

@@ -124,7 +124,8 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
         stats = collect_layer_stats(model, layer, calibration, rounding.tangents, seed + layer)
 
         def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
-            return round_weight(weight, fmt, stats.get(key[:2]), rounding, plan.equalize_for(*key),
+            layer_rounding = RoundingSettings("nearest") if plan.rounds_to_nearest(*key) else rounding
+            return round_weight(weight, fmt, stats.get(key[:2]), layer_rounding, plan.equalize_for(*key),
                                 plan.damp_for(*key) or rounding.damp)
 
         replace_layers(model, plan, _layer_maker(plan, quantizer, stats, rounding.bias_correction), only_layer=layer)

@@ -53,6 +53,28 @@ DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (
 # round-to-nearest's error, predicted).
 DAMPED = 0.1
 DAMPED_SUFFIX = "/damped"
+# and in a round-to-nearest variant, which cannot fit calibration at all: where calibration misses
+# a molecule's chemistry, any data-driven rounding can err more there than plain rounding
+NEAREST_SUFFIX = "/nearest"
+
+
+@dataclass(frozen=True)
+class ErrorLayout:
+    """Where each configuration's errors sit in the flat error vectors of `PlanEvaluator.errors`:
+    force components (kcal/mol/Å) and one per-atom energy (kcal/mol/atom) per configuration, each
+    with its source's index and a weight such that a source's weighted sum of squares is its MSE."""
+
+    sources: tuple[str, ...]
+    force_source: np.ndarray
+    force_weight: np.ndarray
+    energy_source: np.ndarray
+    energy_weight: np.ndarray
+
+    def mse(self, force: np.ndarray, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Force and energy MSE per source (in ``sources`` order) of error vectors."""
+        n = len(self.sources)
+        return (np.bincount(self.force_source, self.force_weight * np.square(force, dtype=np.float64), n),
+                np.bincount(self.energy_source, self.energy_weight * np.square(energy, dtype=np.float64), n))
 
 
 class PlanEvaluator:
@@ -77,10 +99,17 @@ class PlanEvaluator:
         self.sources = sorted(set(self.source_of))
         self.elements = [set(self.potential.ani.symbols[i] for i in
                              self.potential.z_to_index[torch.as_tensor(c.numbers)].tolist()) for c in configs]
+        index = np.array([self.sources.index(s) for s in self.source_of])
+        per_source = np.bincount(index, minlength=len(self.sources))
+        sizes = np.array([3 * c.n_atoms for c in configs])
+        self.layout = ErrorLayout(tuple(self.sources), np.repeat(index, sizes),
+                                  np.repeat(1.0 / (sizes * per_source[index]), sizes), index, 1.0 / per_source[index])
 
     def errors(self, weights: dict[LayerKey, Tensor], elements: set[str] | None = None) -> dict:
         """Force and per-atom energy MSE/RMSE with ``weights`` in place (others FP32), overall
-        (mean over configurations) and per source (``force_mse_by_source``, ``energy_mse_by_source``).
+        (mean over configurations) and per source (``force_mse_by_source``, ``energy_mse_by_source``),
+        and the errors themselves as flat float32 vectors laid out as `layout` says
+        (``force_vector``, ``energy_vector``).
 
         Only configurations containing one of ``elements`` are recomputed (none when ``weights``
         is empty); the others are unchanged by construction.
@@ -89,6 +118,7 @@ class PlanEvaluator:
             elements = set()
         force = {s: [] for s in self.sources}
         energy = {s: [] for s in self.sources}
+        force_vector, energy_vector = [], []
         try:
             for key, w in weights.items():
                 self.layers[key].weight.copy_(w)
@@ -98,10 +128,16 @@ class PlanEvaluator:
                 if i not in tests:
                     force[source].append(0.0)
                     energy[source].append(0.0)
+                    force_vector.append(np.zeros(3 * config.n_atoms, np.float32))
+                    energy_vector.append(0.0)
                     continue
                 test = tests[i]
-                force[source].append(float(np.mean(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL) ** 2)))
-                energy[source].append(((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms) ** 2)
+                df = ((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL).reshape(-1)
+                de = (test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms
+                force[source].append(float(np.mean(df ** 2)))
+                energy[source].append(de ** 2)
+                force_vector.append(df.astype(np.float32))
+                energy_vector.append(de)
         finally:
             for key in weights:
                 self.layers[key].weight.copy_(self.originals[key])
@@ -111,7 +147,8 @@ class PlanEvaluator:
         return {"force_mse": force_mse, "force_rmse": float(np.sqrt(force_mse)),
                 "energy_mse_per_atom": energy_mse, "energy_rmse_per_atom": float(np.sqrt(energy_mse)),
                 "force_mse_by_source": by_source, "energy_mse_by_source": {s: float(np.mean(v)) for s, v in energy.items()},
-                "worst_force_rmse": float(np.sqrt(max(by_source.values())))}
+                "worst_force_rmse": float(np.sqrt(max(by_source.values()))),
+                "force_vector": np.concatenate(force_vector), "energy_vector": np.array(energy_vector, np.float32)}
 
 
 @dataclass
@@ -145,7 +182,11 @@ class SensitivityTable:
     fp32_bytes: float
     equalized_layers: tuple[int, ...] = ()
     damped: dict[str, float] = field(default_factory=dict)  # label -> GPTQ damping, rounded without equalization
+    nearest: tuple[str, ...] = ()  # labels rounded to nearest, without equalization
     weights: dict[tuple[Unit, str], dict[LayerKey, Tensor]] = field(default_factory=dict, repr=False)
+    # each entry's force and energy error vectors (`PlanEvaluator.errors`): errors of units superpose
+    vectors: dict[tuple[Unit, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    layout: ErrorLayout | None = field(default=None, repr=False)
 
     def units(self) -> list[Unit]:
         return sorted({(e.element, e.layer) for e in self.entries})
@@ -167,7 +208,7 @@ class SensitivityTable:
         return {"model": self.model, "fixed_bytes": self.fixed_bytes, "fp32_bytes": self.fp32_bytes,
                 "proxy_spearman": self.proxy_rank_correlation(),
                 "formats": {k: f.to_dict() for k, f in self.formats.items()}, "damped": self.damped,
-                "entries": [e.to_dict() for e in self.entries]}
+                "nearest": list(self.nearest), "entries": [e.to_dict() for e in self.entries]}
 
 
 def _round_unit(weights: dict[LayerKey, Tensor], fmt: TensorFormat, stats: dict[tuple[int, str], LayerStats],
@@ -192,7 +233,8 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
                         seed: int = 0, progress: bool = False, equalize: tuple[int, ...] = (0,)) -> SensitivityTable:
     """Measure every (element, hidden layer) unit in every candidate format on ``calibration``;
     layers in ``equalize`` are rounded with input equalization, as the plan will do. With GPTQ,
-    per-channel integer candidates are also measured in their damped variant (`DAMPED`)."""
+    per-channel integer candidates are also measured in their damped variant (`DAMPED`) and rounded
+    to nearest."""
     from tqdm import tqdm
 
     evaluator = evaluator or PlanEvaluator(fp32, calibration, model_name)
@@ -200,13 +242,16 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
     n_hidden = n_layers(fp32) - 1  # the last index is the width-1 final layer, kept FP32
     units = sorted({(e, l) for (_, e, l) in layers if l < n_hidden})
     formats = {f.label(): f for f in (TensorFormat("fp32"),) + tuple(candidates)}
-    damped = {} if rounding.method != "gptq" else \
-        {f.label() + DAMPED_SUFFIX: f for f in candidates if f.is_integer and f.granularity == "channel"}
+    per_channel = [f for f in candidates if f.is_integer and f.granularity == "channel"] \
+        if rounding.method == "gptq" else []
+    damped = {f.label() + DAMPED_SUFFIX: f for f in per_channel}
+    nearest = {f.label() + NEAREST_SUFFIX: f for f in per_channel}
     formats.update(damped)
+    formats.update(nearest)
     fp32_bytes = float(sum(t.numel() * t.element_size() for t in fp32.state_dict().values()))
     hidden_bytes = float(sum(lin.weight.numel() * 4 for k, lin in layers.items() if k[2] < n_hidden))
     table = SensitivityTable(model_name, [], formats, fp32_bytes - hidden_bytes, fp32_bytes, tuple(equalize),
-                             dict.fromkeys(damped, DAMPED))
+                             dict.fromkeys(damped, DAMPED), tuple(nearest), layout=evaluator.layout)
     stats_by_layer: dict[int, dict] = {}
     bar = tqdm(total=len(units) * len(formats), desc="sensitivity", unit="case", disable=not progress)
     for element, layer in units:
@@ -217,8 +262,10 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
         originals = {k: layers[k].weight.detach() for k in keys}
         for label, fmt in formats.items():
             variant = table.damped.get(label)
-            rounded, nbytes = _round_unit(originals, fmt, stats, rounding, layer in equalize and variant is None,
-                                          variant or rounding.damp)
+            plain = variant is not None or label in nearest  # rounded without equalization
+            rounded, nbytes = _round_unit(originals, fmt, stats,
+                                          RoundingSettings("nearest") if label in nearest else rounding,
+                                          layer in equalize and not plain, variant or rounding.damp)
             err = evaluator.errors(rounded if fmt.kind != "fp32" else {}, {element})
             proxy = 0.0
             for k in keys:
@@ -231,6 +278,7 @@ def measure_sensitivity(fp32: ANI, model_name: str, calibration: list[Configurat
                                                   err["energy_rmse_per_atom"], proxy,
                                                   err["force_mse_by_source"], err["energy_mse_by_source"]))
             table.weights[((element, layer), label)] = rounded
+            table.vectors[((element, layer), label)] = (err["force_vector"], err["energy_vector"])
             bar.update(1)
     bar.close()
     return table

@@ -26,6 +26,11 @@ class PlanRule:
     activation: ActivationFormat = NO_ACTIVATION
     equalize: bool = False  # scale input columns before rounding (integer weights, calibrated)
     damp: float | None = None  # GPTQ damping relative to the mean Hessian diagonal; None: the plan's setting
+    rounding: str | None = None  # "nearest" rounds this layer to nearest whatever the plan's rounding; None: the plan's
+
+    def __post_init__(self) -> None:
+        if self.rounding not in (None, "nearest"):
+            raise NnpqError(f"a plan rule's rounding may only be 'nearest' (or absent), not '{self.rounding}'")
 
     def matches(self, member: int, element: str, layer: int) -> bool:
         return (
@@ -42,7 +47,7 @@ class PlanRule:
     def to_dict(self) -> dict[str, Any]:
         return {"element": self.element, "layer": self.layer, "member": self.member,
                 "weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "equalize": self.equalize,
-                "damp": self.damp}
+                "damp": self.damp, "rounding": self.rounding}
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ class QuantPlan:
         rule = self.rule_for(member, element, layer)
         return None if rule is None else rule.damp
 
+    def rounds_to_nearest(self, member: int, element: str, layer: int) -> bool:
+        """Whether one layer's own rule has it rounded to nearest, whatever the rounding settings."""
+        rule = self.rule_for(member, element, layer)
+        return rule is not None and rule.rounding == "nearest"
+
     def activation_for(self, member: int, element: str, layer: int) -> ActivationFormat:
         """The input-activation format of one layer (only integer-weight layers round inputs)."""
         rule = self.rule_for(member, element, layer)
@@ -97,7 +107,8 @@ class QuantPlan:
                 PlanRule(weight=TensorFormat.from_dict(r["weight"]), element=r.get("element"),
                          layer=r.get("layer"), member=r.get("member"),
                          activation=ActivationFormat.from_dict(r.get("activation", {})),
-                         equalize=bool(r.get("equalize", False)), damp=r.get("damp"))
+                         equalize=bool(r.get("equalize", False)), damp=r.get("damp"),
+                         rounding=r.get("rounding"))
                 for r in data["rules"]
             )
             return cls(rules=rules, rounding=data.get("rounding", "nearest"),
