@@ -27,13 +27,13 @@ from nnpq.errors import NnpqError
 from nnpq.models import ANIPotential, Potential, load_fp32, model_spec
 from nnpq.models.domain import Domain, aev_maxima
 from nnpq.models.fp32 import file_sha256, n_layers, weights_path
-from nnpq.quant.allocation import Allocation, allocate, assemble_weights, uniform_allocation
+from nnpq.quant.allocation import Allocation, allocate, assemble_weights
 from nnpq.quant.apply import RoundingSettings, quantize_model
 from nnpq.quant.calibration import CalibrationSet, CalibrationSettings, build_calibration_set
 from nnpq.spec.formats import INT8_CHANNEL, INT8_G8_ASYM, INT8_G32_ASYM, NO_ACTIVATION, ActivationFormat, TensorFormat
 from nnpq.spec.plan import PlanRule, QuantPlan, require_known_elements, uniform_plan
 from nnpq.quant.refit import RefitSettings, refit
-from nnpq.quant.sensitivity import DEFAULT_CANDIDATES, NEAREST_SUFFIX
+from nnpq.quant.sensitivity import DEFAULT_CANDIDATES
 from nnpq.runtime.potential import runtime_from_tensors
 from nnpq.validation.evaluate import Outputs, outputs_on, set_errors
 
@@ -288,13 +288,6 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
         if not over:
             break
     assert allocation is not None
-    fallback = None
-    yardstick_label = INT8_CHANNEL.label() + NEAREST_SUFFIX
-    if yardstick is not None and best_ratio > 1.0 and yardstick_label in table.formats:
-        # no mix measured at most the yardstick's error on every molecule: the yardstick plan itself, if it fits
-        plain = uniform_allocation(table, yardstick_label)
-        if plain.bytes <= options.max_bytes:
-            allocation, fallback = plain, yardstick_label
     last = history[-1]
     if (options.max_force_rmse is not None and last["measured_worst_force_rmse"] > options.max_force_rmse * 1.0001) or \
             (options.max_energy_rmse is not None and last["measured_worst_energy_rmse"] > options.max_energy_rmse * 1.0001):
@@ -314,7 +307,7 @@ def _choose_plan(fp32, name: str, calib: CalibrationSet, options: QuantizeOption
     ]
     budget = {"max_force_rmse": options.max_force_rmse, "max_energy_rmse": options.max_energy_rmse,
               "max_bytes": options.max_bytes, "objective": options.objective, "corrections": history,
-              "solver": allocation.solver, "fallback": fallback,
+              "solver": allocation.solver,
               "proxy_spearman": table.proxy_rank_correlation(),
               "frontier_beats_every_uniform_plan": dominates_uniform(points),
               "choice": {f"{e}/{layer}": label for (e, layer), label in sorted(allocation.choice.items())}}
@@ -464,9 +457,6 @@ def format_result(result: QuantizeResult) -> str:
         lines.append(f"\nbudget: predicted vs measured per correction round: {result.budget['corrections']}")
         lines.append(f"proxy (force-tangent weight error) vs measured sensitivity, Spearman rank correlation: "
                      f"{result.budget['proxy_spearman']:.3f}")
-        if result.budget.get("fallback"):
-            lines.append(f"no mixed plan measured at most {result.budget['fallback']}'s force error on every molecule: "
-                         f"that plan is written instead")
         if "latency" in result.budget:
             lat = result.budget["latency"]
             lines.append(f"latency objective ({lat['mode']} mode, timed here with {lat['atoms_per_element']} atoms of each "
