@@ -445,3 +445,27 @@ def test_damped_and_nearest_variants_round_as_their_rules_say(tmp_path, fp32_mod
     assert not torch.equal(codes, gptq_quantize(w, hessian, ch, 0.01).qweight)  # the damping made a difference
     path = save_artifact(tmp_path / "damped.nnpq", model, plan, source_info("ani2x"))
     assert read_artifact(path).plan == plan
+
+
+def test_budgeted_model_is_the_plan_that_was_measured(sensitivity, fp32_model, small_calibration):
+    """Rounded without sequence (each layer on FP32 statistics), a plan's layers equal the weights
+    the sensitivity table measured for its units, so a budget checked on them holds on the model."""
+    from nnpq.kernels.int8 import dequantize_weight
+    from nnpq.models.fp32 import hidden_and_final_layers
+    from nnpq.quant.apply import RoundingSettings, quantize_model
+
+    table, _ = sensitivity
+    _, calib = small_calibration
+    choice = {u: ("int8/g32/asym", "int4/g32/asym")[i % 2] for i, u in enumerate(table.units())}
+    plan = Allocation(choice, 0, 0, 0, "test").to_plan(table, "t")
+    layers = {}
+    for sequential in (False, True):
+        model = quantize_model(fp32_model, plan, RoundingSettings(), calib.calibration, seed=0, sequential=sequential)
+        layers[sequential] = {k: dequantize_weight(q.qweight, q.scale, q.zero, q.group_size, q.col_scale)
+                              for k, q in hidden_and_final_layers(model).items() if k[2] < 3}
+    measured = assemble_weights(table, Allocation(choice, 0, 0, 0, "test"))
+    assert set(measured) == set(layers[False])
+    for key, w in measured.items():
+        assert torch.allclose(layers[False][key], w, rtol=0, atol=1e-6), key
+    # in sequence, later layers compensate the earlier ones' rounding: different weights
+    assert any(not torch.allclose(layers[True][k], w, rtol=0, atol=1e-6) for k, w in measured.items() if k[2] > 0)

@@ -105,8 +105,13 @@ def _layer_maker(plan: QuantPlan, quantizer: WeightQuantizer,
 
 
 def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = RoundingSettings("nearest"),
-                   calibration: list[Configuration] | None = None, seed: int = 0) -> ANI:
-    """A copy of ``fp32`` with each layer stored as ``plan`` says; ``fp32`` is left untouched."""
+                   calibration: list[Configuration] | None = None, seed: int = 0, sequential: bool = True) -> ANI:
+    """A copy of ``fp32`` with each layer stored as ``plan`` says; ``fp32`` is left untouched.
+
+    ``sequential``: each layer's statistics are gathered on the model whose earlier layers are
+    already rounded, so that it compensates their errors; otherwise on ``fp32``, so that every
+    layer is rounded exactly as `nnpq.quant.sensitivity` rounded it alone (the model is the plan
+    that was measured)."""
     model = copy.deepcopy(fp32)
     keys = [(m, e) for m, member in enumerate(model.neural_networks.members) for e in member.atomics]
     needs_data = any(plan.activation_for(m, e, layer).mode == "static" or plan.equalize_for(m, e, layer)
@@ -120,8 +125,7 @@ def quantize_model(fp32: ANI, plan: QuantPlan, rounding: RoundingSettings = Roun
         if all(not plan.format_for(m, e, layer).is_integer for m, e in keys):
             replace_layers(model, plan, _layer_maker(plan, nearest), only_layer=layer)  # fp16/bf16 need no data
             continue
-        # statistics of this layer's inputs on the model whose earlier layers are already rounded
-        stats = collect_layer_stats(model, layer, calibration, rounding.tangents, seed + layer)
+        stats = collect_layer_stats(model if sequential else fp32, layer, calibration, rounding.tangents, seed + layer)
 
         def quantizer(key: LayerKey, weight: Tensor, fmt: TensorFormat) -> QuantizedWeight:
             layer_rounding = RoundingSettings("nearest") if plan.rounds_to_nearest(*key) else rounding
