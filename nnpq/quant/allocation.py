@@ -108,9 +108,8 @@ def _result(table: SensitivityTable, p: _Problem, pick: np.ndarray, solver: str)
     nbytes = table.fixed_bytes + float(p.size[rows, pick].sum())
     if table.vectors:
         _, _, force, energy = _superposed(table, p, pick)
-        counts = np.bincount(table.layout.energy_source, minlength=len(p.sources))
-        return Allocation(choice, nbytes, float(counts @ force / counts.sum()), float(counts @ energy / counts.sum()),
-                          solver, dict(zip(p.sources, force.tolist())))
+        return Allocation(choice, nbytes, table.layout.mean(force), table.layout.mean(energy), solver,
+                          dict(zip(p.sources, force.tolist())))
     return Allocation(choice, nbytes, float(p.mean_force[rows, pick].sum()), float(p.mean_energy[rows, pick].sum()),
                       solver, {s: float(p.force[k][rows, pick].sum()) for k, s in enumerate(p.sources)})
 

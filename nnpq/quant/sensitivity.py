@@ -76,6 +76,11 @@ class ErrorLayout:
         return (np.bincount(self.force_source, self.force_weight * np.square(force, dtype=np.float64), n),
                 np.bincount(self.energy_source, self.energy_weight * np.square(energy, dtype=np.float64), n))
 
+    def mean(self, by_source: np.ndarray) -> float:
+        """The mean over configurations of a per-source MSE (each configuration weighs the same)."""
+        counts = np.bincount(self.energy_source, minlength=len(self.sources))
+        return float(counts @ by_source / counts.sum())
+
 
 class PlanEvaluator:
     """Errors of substituted weights against FP32 on a fixed configuration set, in kcal/mol(/Å).
@@ -94,12 +99,11 @@ class PlanEvaluator:
         self.potential = ANIPotential(self.work, "evaluator", model_name)
         self.configs = configs
         self.reference = outputs_on(self.potential, configs)
-        self.n_configs = len(configs)
-        self.source_of = [c.molecule if by_molecule else c.group for c in configs]
-        self.sources = sorted(set(self.source_of))
+        source_of = [c.molecule if by_molecule else c.group for c in configs]
+        self.sources = sorted(set(source_of))
         self.elements = [set(self.potential.ani.symbols[i] for i in
                              self.potential.z_to_index[torch.as_tensor(c.numbers)].tolist()) for c in configs]
-        index = np.array([self.sources.index(s) for s in self.source_of])
+        index = np.array([self.sources.index(s) for s in source_of])
         per_source = np.bincount(index, minlength=len(self.sources))
         sizes = np.array([3 * c.n_atoms for c in configs])
         self.layout = ErrorLayout(tuple(self.sources), np.repeat(index, sizes),
@@ -116,39 +120,33 @@ class PlanEvaluator:
         """
         if not weights:  # nothing substituted: zero error by construction
             elements = set()
-        force = {s: [] for s in self.sources}
-        energy = {s: [] for s in self.sources}
         force_vector, energy_vector = [], []
         try:
             for key, w in weights.items():
                 self.layers[key].weight.copy_(w)
             changed = [i for i, present in enumerate(self.elements) if elements is None or present & elements]
             tests = dict(zip(changed, outputs_on(self.potential, [self.configs[i] for i in changed])))
-            for i, (config, ref, source) in enumerate(zip(self.configs, self.reference, self.source_of)):
+            for i, (config, ref) in enumerate(zip(self.configs, self.reference)):
                 if i not in tests:
-                    force[source].append(0.0)
-                    energy[source].append(0.0)
-                    force_vector.append(np.zeros(3 * config.n_atoms, np.float32))
+                    force_vector.append(np.zeros(3 * config.n_atoms))
                     energy_vector.append(0.0)
                     continue
                 test = tests[i]
-                df = ((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL).reshape(-1)
-                de = (test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms
-                force[source].append(float(np.mean(df ** 2)))
-                energy[source].append(de ** 2)
-                force_vector.append(df.astype(np.float32))
-                energy_vector.append(de)
+                force_vector.append(((test[1] - ref[1]) * HARTREE_TO_KCAL_MOL).reshape(-1))
+                energy_vector.append((test[0] - ref[0]) * HARTREE_TO_KCAL_MOL / config.n_atoms)
         finally:
             for key in weights:
                 self.layers[key].weight.copy_(self.originals[key])
-        force_mse = sum(map(sum, force.values())) / self.n_configs
-        energy_mse = sum(map(sum, energy.values())) / self.n_configs
-        by_source = {s: float(np.mean(v)) for s, v in force.items()}
+        force, energy = np.concatenate(force_vector), np.array(energy_vector)
+        force_by_source, energy_by_source = self.layout.mse(force, energy)
+        force_mse, energy_mse = self.layout.mean(force_by_source), self.layout.mean(energy_by_source)
+        by_source = dict(zip(self.sources, force_by_source.tolist()))
         return {"force_mse": force_mse, "force_rmse": float(np.sqrt(force_mse)),
                 "energy_mse_per_atom": energy_mse, "energy_rmse_per_atom": float(np.sqrt(energy_mse)),
-                "force_mse_by_source": by_source, "energy_mse_by_source": {s: float(np.mean(v)) for s, v in energy.items()},
+                "force_mse_by_source": by_source,
+                "energy_mse_by_source": dict(zip(self.sources, energy_by_source.tolist())),
                 "worst_force_rmse": float(np.sqrt(max(by_source.values()))),
-                "force_vector": np.concatenate(force_vector), "energy_vector": np.array(energy_vector, np.float32)}
+                "force_vector": force.astype(np.float32), "energy_vector": energy.astype(np.float32)}
 
 
 @dataclass
